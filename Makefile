@@ -1,0 +1,83 @@
+# hfalign: make sft | make rm | make ppo | make test | make lint
+#   RECIPE=...            recipe for `make train`            (stage targets use SFT_RECIPE / RM_RECIPE / PPO_RECIPE)
+#   ACCELERATE_CONFIG=... launch through `accelerate launch --config_file ...` (e.g. accelerate_configs/zero3.yaml)
+#   NUM_PROCESSES=N       processes for accelerate launch    ARGS="k.sub=v ..."  recipe overrides
+# With no virtualenv active, everything runs in a project-local .venv created on first use. On a machine without
+# nvidia-smi it pins the CPU build of torch first, so no multi-GB CUDA build is pulled; with a GPU (or a torch
+# already installed in your active env) your torch is kept.
+
+SHELL := /bin/bash
+SFT_RECIPE ?= recipes/sft.yaml
+RM_RECIPE ?= recipes/rm.yaml
+PPO_RECIPE ?= recipes/ppo.yaml
+RECIPE ?= $(SFT_RECIPE)
+ACCELERATE_CONFIG ?=
+NUM_PROCESSES ?=
+ARGS ?=
+PYTEST_ARGS ?=
+TORCH_CPU ?= torch==2.13.0
+
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := .venv
+endif
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hfalign-installed
+
+ifeq ($(strip $(ACCELERATE_CONFIG)),)
+LAUNCH := $(PY) -m hfalign
+else
+LAUNCH := $(PY) -m accelerate.commands.launch --config_file $(ACCELERATE_CONFIG) $(if $(NUM_PROCESSES),--num_processes $(NUM_PROCESSES)) -m hfalign
+endif
+
+TINY := models/tiny-llama/config.json
+SFT_DONE := outputs/sft/hfalign_done.json
+RM_DONE := outputs/rm/hfalign_done.json
+PPO_DONE := outputs/ppo/hfalign_done.json
+
+.PHONY: install tiny data sft rm ppo train validate test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if ! $(PY) -c "import torch" 2>/dev/null && ! command -v nvidia-smi >/dev/null; then \
+	  echo "no GPU: installing the CPU build of torch ($(TORCH_CPU))"; $(PY) -m pip install -q "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+tiny: $(TINY)
+$(TINY): | $(STAMP)
+	$(PY) -m hfalign build-tiny models/tiny-llama
+
+data: | $(STAMP)
+	$(PY) -m hfalign make-data data
+
+sft: $(SFT_DONE)
+$(SFT_DONE): $(SFT_RECIPE) | $(TINY)
+	$(LAUNCH) $(SFT_RECIPE) $(ARGS)
+
+rm: $(RM_DONE)
+$(RM_DONE): $(RM_RECIPE) | $(SFT_DONE)
+	$(LAUNCH) $(RM_RECIPE) $(ARGS)
+
+ppo: $(PPO_DONE)
+$(PPO_DONE): $(PPO_RECIPE) | $(SFT_DONE) $(RM_DONE)
+	$(LAUNCH) $(PPO_RECIPE) $(ARGS)
+
+train: | $(STAMP) $(TINY)
+	$(LAUNCH) $(RECIPE) $(ARGS)
+
+validate: | $(STAMP)
+	$(PY) -m hfalign validate $(RECIPE) $(ARGS)
+
+test: | $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: | $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+
+clean:
+	rm -rf outputs models/tiny-llama

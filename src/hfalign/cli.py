@@ -1,0 +1,106 @@
+"""hfalign's command line.
+
+    hfalign train RECIPE [key.sub=value ...]     train the recipe's stage (also: python -m hfalign RECIPE ...)
+    hfalign validate RECIPE [overrides]          every check, no model loaded; exit 2 on a mistake
+    hfalign show RECIPE [overrides]              print the resolved recipe
+    hfalign schema                               every recipe key with its type, default and meaning
+    hfalign build-tiny [DIR]                     build the embedded default's tiny LLaMA model (models/tiny-llama)
+    hfalign make-data [DIR]                      regenerate the embedded default's data files (data/)
+
+User mistakes print one line `hfalign: error: ...` and exit 2; there is no traceback for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+
+from hfalign.errors import UserError
+
+COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hfalign", description="SFT -> reward model -> PPO from YAML recipes.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in (("train", "train the recipe's stage"), ("validate", "check a recipe, load no model"),
+                       ("show", "print the resolved recipe")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("recipe")
+        s.add_argument("overrides", nargs="*", help="dotted key=value, value parsed as YAML")
+    sub.add_parser("schema", help="print every recipe key")
+    for name, default in (("build-tiny", "models/tiny-llama"), ("make-data", "data")):
+        s = sub.add_parser(name)
+        s.add_argument("dir", nargs="?", default=default)
+    return p
+
+
+def validate(path: str, overrides: list[str]):
+    """Everything checkable before a model loads: schema, train config, files, rows, remote code, callbacks."""
+    from hfalign import callbacks, data, models, recipe
+
+    r = recipe.load(path, overrides)
+    try:
+        models.check_model(r.model)
+        data.check(r.data, r.stage)
+        callbacks.check(r)
+    except UserError as e:
+        if e.where is None:
+            e.where = path
+            e.args = (e.format(),)
+        raise
+    return r
+
+
+def _run(argv: list[str]) -> int:
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv = ["train", *argv]  # python -m hfalign RECIPE ... (what `accelerate launch -m hfalign` runs)
+    args = _parser().parse_args(argv)
+    if args.command == "schema":
+        from hfalign.recipe import Recipe
+        from hfalign.schema import describe_schema
+
+        print("\n".join(describe_schema(Recipe)))
+        print("train.*  fields of the stage's config class (trl.SFTConfig, trl.RewardConfig, hfalign PPOConfig)")
+        return 0
+    if args.command == "build-tiny":
+        from hfalign.tiny import build_tiny
+
+        print(f"built {build_tiny(args.dir)}")
+        return 0
+    if args.command == "make-data":
+        from hfalign.task import write_data
+
+        for path in write_data(args.dir):
+            print(f"wrote {path}")
+        return 0
+    r = validate(args.recipe, args.overrides)
+    if args.command == "validate":
+        print(f"ok: {args.recipe} is a valid {r.stage} recipe (output_dir {r.output_dir})")
+        return 0
+    if args.command == "show":
+        from hfalign.rundir import resolved
+
+        print(yaml.safe_dump(resolved(r), sort_keys=False), end="")
+        return 0
+    from hfalign import stages
+
+    stages.run(r)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = _run(argv)
+    except UserError as e:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"hfalign: error: {e.format()}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("hfalign: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,151 @@
+"""Tokenizer and model loading: LLaMA family, native GLM/GLM-4, ChatGLM2/3 (remote code), LoRA, QLoRA.
+
+Per-family defaults live here and nowhere else: LoRA target modules and the pad-token rule (a pad distinct from
+EOS, so EOS stays a learnable token: arXiv 2403.17031).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from hfalign.errors import UserError
+from hfalign.recipe import LoraSection, ModelSection, QuantizationSection
+
+# ChatGLM2/3 fuse q/k/v into query_key_value; its LM head is called output_layer, which "all-linear" would not
+# recognise as a head (PEFT excludes only `lm_head`-like names), so name the targets explicitly.
+CHATGLM_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
+
+
+def lora_targets(model_type: str) -> list[str] | str:
+    """Default LoRA target modules for a config's model_type."""
+    return CHATGLM_TARGETS if model_type == "chatglm" else "all-linear"
+
+
+def _local_config(path: str) -> dict | None:
+    cfg = os.path.join(os.path.expanduser(path), "config.json")
+    if os.path.isfile(cfg):
+        with open(cfg, encoding="utf-8") as f:
+            return json.load(f)
+    return None
+
+
+def check_model(m: ModelSection, where: str = "model") -> None:
+    """Checks that need the checkpoint's config but no weights: remote code must be asked for."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cfg = _local_config(m.name_or_path)
+    if cfg is None:
+        return
+    model_type = cfg.get("model_type")
+    if "auto_map" in cfg and model_type not in CONFIG_MAPPING and not m.trust_remote_code:
+        raise UserError(
+            f"'{where}.name_or_path' ({m.name_or_path}) is a '{model_type}' checkpoint that needs its own Python code.",
+            fix=f"set {where}.trust_remote_code: true if you trust that code (hfalign never implies it)",
+        )
+
+
+def load_tokenizer(m: ModelSection):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        m.tokenizer or m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code
+    )
+    if m.chat_template:
+        if m.chat_template.endswith((".jinja", ".j2")):
+            with open(m.chat_template, encoding="utf-8") as f:
+                tok.chat_template = f.read()
+        else:
+            tok.chat_template = m.chat_template
+    if m.pad_token:
+        if m.pad_token not in tok.get_vocab():
+            tok.add_special_tokens({"pad_token": m.pad_token})
+        tok.pad_token = m.pad_token
+    elif tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        # pad == eos would mask every real EOS out of the loss, and the model would never learn to stop.
+        if tok.unk_token is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+    if tok.pad_token_id == tok.eos_token_id:
+        raise UserError(f"'model.pad_token' equals the EOS token {tok.eos_token!r}.", fix="choose a pad token distinct from EOS")
+    return tok
+
+
+def from_pretrained_kwargs(m: ModelSection, q: QuantizationSection) -> dict:
+    import torch
+
+    kwargs = {"revision": m.revision, "trust_remote_code": m.trust_remote_code, "dtype": DTYPES[m.dtype]}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    if q.enabled:
+        from transformers import BitsAndBytesConfig
+
+        compute = getattr(torch, q.compute_dtype)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=q.load_in_4bit, load_in_8bit=q.load_in_8bit, bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_quant_storage=compute,
+        )
+    return kwargs
+
+
+def _fit_tokenizer(model, tok) -> None:
+    """Grow the embeddings when the tokenizer gained a pad token; keep config and generation config in step."""
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.pad_token_id = tok.pad_token_id
+        if gen.eos_token_id is None:
+            gen.eos_token_id = tok.eos_token_id
+
+
+def load_causal_lm(m: ModelSection, q: QuantizationSection, tok):
+    from transformers import AutoModelForCausalLM
+
+    check_model(m)
+    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **from_pretrained_kwargs(m, q))
+    _fit_tokenizer(model, tok)
+    return model
+
+
+def load_sequence_classifier(m: ModelSection, q: QuantizationSection, tok, path: str | None = None):
+    """A scalar-head model (num_labels=1) for reward or value, from `path` or the recipe's base model."""
+    from transformers import AutoModelForSequenceClassification
+
+    check_model(m)
+    model = AutoModelForSequenceClassification.from_pretrained(path or m.name_or_path, num_labels=1, **from_pretrained_kwargs(m, q))
+    _fit_tokenizer(model, tok)
+    return model
+
+
+def lora_config(lora: LoraSection, model, task_type: str):
+    """PEFT LoraConfig with per-architecture target defaults; None when LoRA is off."""
+    if not lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    targets = lora.target_modules or lora_targets(getattr(model.config, "model_type", ""))
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        modules_to_save=lora.modules_to_save, task_type=task_type, bias="none",
+    )
+
+
+def prepare_quantized(model, gradient_checkpointing: bool = False):
+    """QLoRA: freeze the 4/8-bit base, cast norms to fp32, enable input grads."""
+    from peft import prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return model
+
+
+def apply_adapter(model, path: str, trainable: bool):
+    """Load a trained PEFT adapter: trainable to continue it, else merged into the weights (e.g. SFT LoRA -> RM base)."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
+    return peft_model if trainable else peft_model.merge_and_unload()

@@ -1,0 +1,431 @@
+"""The recipe: one YAML file per run, parsed into typed sections. Every field is documented once, here.
+
+    recipe.yaml --(extends chain, deep merge)--> --(dotted overrides)--> typed Recipe --> validate_train()
+
+Relative paths inside a recipe (data files, model directories, output_dir) are relative to the working directory,
+as for every Hugging Face script; `extends:` alone is relative to the recipe that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hfalign.errors import UserError
+from hfalign.schema import check_keys, check_value, doc, field_types, parse_into
+
+STAGES = ("sft", "rm", "ppo")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or os.path.exists(path)
+
+
+# --- sections ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str = field(metadata=doc("Hub id (meta-llama/Llama-2-7b-hf) or local directory (./models/tiny-llama)."))
+    revision: str | None = field(default=None, metadata=doc("Hub revision (branch, tag or commit)."))
+    tokenizer: str | None = field(default=None, metadata=doc("Tokenizer path when it differs from name_or_path."))
+    adapter: str | None = field(
+        default=None, metadata=doc("A trained PEFT adapter directory to start from (e.g. outputs/sft of a LoRA run).")
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata=doc("Run the checkpoint's own Python code (ChatGLM2/3). Never implied.")
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata=doc("Weight dtype; 'auto' keeps the checkpoint's.")
+    )
+    attn_implementation: str | None = field(default=None, metadata=doc("eager, sdpa, flash_attention_2, ...; null = library default."))
+    chat_template: str | None = field(
+        default=None, metadata=doc("Chat template override: a Jinja string or a path to a .jinja file.")
+    )
+    pad_token: str | None = field(
+        default=None,
+        metadata=doc("Pad token. Default: the tokenizer's, unless missing or equal to EOS; then unk, else a new <|pad|>."),
+    )
+
+    def check(self, where: str) -> None:
+        for key in ("name_or_path", "tokenizer", "adapter"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if looks_local(value):
+                if not os.path.isdir(os.path.expanduser(value)):
+                    raise UserError(
+                        f"'{where}.{key}' is {value!r}, which is not an existing directory.",
+                        fix="point it at a model directory; for the embedded default run `make tiny` "
+                        "(or `hfalign build-tiny models/tiny-llama`) and train earlier stages first (`make sft`)",
+                    )
+            elif key == "adapter" or not HUB_ID.match(value):
+                raise UserError(
+                    f"'{where}.{key}' is {value!r}: neither a local directory nor a hub id like 'org/name'.",
+                    fix="give an existing directory (start relative paths with ./) or a hub id",
+                )
+        if self.chat_template and self.chat_template.endswith((".jinja", ".j2")) and not os.path.isfile(self.chat_template):
+            raise UserError(f"'{where}.chat_template' file {self.chat_template!r} does not exist.", fix="fix the path")
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = field(default=False, metadata=doc("Train a LoRA adapter instead of all weights."))
+    r: int = field(default=16, metadata=doc("LoRA rank."))
+    alpha: int = field(default=32, metadata=doc("LoRA alpha (scale = alpha / r)."))
+    dropout: float = field(default=0.05, metadata=doc("LoRA dropout (PPO forces 0: dropout breaks ratio == 1)."))
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata=doc("Modules to adapt. null = per architecture: 'all-linear' for native models, "
+                     "query_key_value/dense/dense_h_to_4h/dense_4h_to_h for ChatGLM (never output_layer)."),
+    )
+    modules_to_save: list[str] | None = field(default=None, metadata=doc("Extra modules trained in full and saved."))
+
+    def check(self, where: str) -> None:
+        if self.r < 1:
+            raise UserError(f"'{where}.r' must be >= 1, got {self.r}.", fix="use a rank such as 8 or 16")
+        if self.alpha < 1:
+            raise UserError(f"'{where}.alpha' must be >= 1, got {self.alpha}.", fix="use e.g. 2 * r")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"'{where}.dropout' must be in [0, 1), got {self.dropout}.", fix="use 0.05 or 0")
+
+
+@dataclass
+class QuantizationSection:
+    load_in_4bit: bool = field(default=False, metadata=doc("QLoRA: load the base in 4 bit with bitsandbytes (needs lora.enabled)."))
+    load_in_8bit: bool = field(default=False, metadata=doc("Load the base in 8 bit with bitsandbytes (needs lora.enabled)."))
+    quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata=doc("4-bit data type."))
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = field(default="bfloat16", metadata=doc("Matmul dtype."))
+    double_quant: bool = field(default=True, metadata=doc("Quantize the quantization constants too."))
+
+    def check(self, where: str) -> None:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise UserError(f"'{where}': load_in_4bit and load_in_8bit are both true.", fix="choose one")
+
+    @property
+    def enabled(self) -> bool:
+        return self.load_in_4bit or self.load_in_8bit
+
+
+@dataclass
+class DataSection:
+    train: str = field(metadata=doc("Training data: a .jsonl/.json/.parquet/.csv file or a hub dataset id."))
+    eval: str | None = field(default=None, metadata=doc("Eval data, same forms as train."))
+    eval_fraction: float = field(default=0.0, metadata=doc("Carve this fraction off train for eval when eval is null."))
+    split: str = field(default="train", metadata=doc("Split of a hub dataset for train."))
+    eval_split: str = field(default="test", metadata=doc("Split of a hub dataset for eval."))
+    subset: str | None = field(default=None, metadata=doc("Hub dataset configuration name."))
+    format: Literal["auto", "messages", "prompt_completion", "text", "preference", "prompt"] = field(
+        default="auto",
+        metadata=doc("Row format. auto: sft picks messages | prompt_completion | text by columns; rm = preference; ppo = prompt."),
+    )
+    columns: dict[str, str] = field(
+        default_factory=dict, metadata=doc("Renames, hfalign name -> your column, e.g. {prompt: question, completion: answer}.")
+    )
+    max_rows: int | None = field(default=None, metadata=doc("Use only the first N training rows."))
+    seed: int = field(default=42, metadata=doc("Seed of the eval_fraction split."))
+
+    def check(self, where: str) -> None:
+        for key in ("train", "eval"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if value.endswith(DATA_SUFFIXES) or looks_local(value):
+                if not os.path.isfile(value):
+                    raise UserError(f"'{where}.{key}' file {value!r} does not exist.", fix="fix the path (relative to the working directory)")
+            elif not HUB_ID.match(value):
+                raise UserError(f"'{where}.{key}' is {value!r}: not a data file ({', '.join(DATA_SUFFIXES)}) nor a hub id.",
+                                fix="give a file path or a hub dataset id")
+        if not 0 <= self.eval_fraction < 1:
+            raise UserError(f"'{where}.eval_fraction' must be in [0, 1), got {self.eval_fraction}.", fix="use e.g. 0.05")
+        if self.eval is not None and self.eval_fraction:
+            raise UserError(f"'{where}': both eval and eval_fraction are set.", fix="keep one of them")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise UserError(f"'{where}.max_rows' must be >= 1, got {self.max_rows}.", fix="remove it or use a positive number")
+
+
+@dataclass
+class RewardSection:
+    """PPO only: where the score of a completion comes from."""
+
+    model: str | None = field(default=None, metadata=doc("Reward model directory: a full model or a LoRA adapter (outputs/rm)."))
+    function: str | None = field(
+        default=None, metadata=doc("Instead of a model: 'package.module:function(prompts, completions) -> list[float]'.")
+    )
+
+    def check(self, where: str) -> None:
+        if (self.model is None) == (self.function is None):
+            raise UserError(f"'{where}' needs exactly one of 'model' or 'function'.", fix="set reward.model: outputs/rm or reward.function: pkg.mod:fn")
+        if self.model is not None and not os.path.isdir(self.model):
+            raise UserError(f"'{where}.model' directory {self.model!r} does not exist.", fix="train it first (`make rm`) or fix the path")
+        if self.function is not None and not re.match(r"^[\w.]+:\w+$", self.function):
+            raise UserError(f"'{where}.function' is {self.function!r}; expected 'package.module:function'.", fix="e.g. hfalign.task:positivity_reward")
+
+
+@dataclass
+class ValueSection:
+    """PPO only: the critic."""
+
+    model: str | None = field(
+        default=None, metadata=doc("Value model init: a directory. null = from the reward model (InstructGPT), else from the policy.")
+    )
+    shared_base: bool = field(
+        default=True, metadata=doc("With lora.enabled: value = adapter + head on the policy's base (one copy of base weights).")
+    )
+
+    def check(self, where: str) -> None:
+        if self.model is not None and not os.path.isdir(self.model):
+            raise UserError(f"'{where}.model' directory {self.model!r} does not exist.", fix="fix the path or remove it")
+
+
+@dataclass
+class Recipe:
+    stage: Literal["sft", "rm", "ppo"] = field(metadata=doc("Which stage this recipe runs."))
+    output_dir: str = field(metadata=doc("Run directory: model, checkpoints, metrics.jsonl, recipe.resolved.yaml."))
+    model: ModelSection = field(metadata=doc("The base model and tokenizer."))
+    data: DataSection = field(metadata=doc("Datasets."))
+    lora: LoraSection = field(default_factory=LoraSection, metadata=doc("LoRA through PEFT."))
+    quantization: QuantizationSection = field(default_factory=QuantizationSection, metadata=doc("bitsandbytes loading."))
+    reward: RewardSection | None = field(default=None, metadata=doc("PPO: reward model or function.", section=RewardSection))
+    value: ValueSection | None = field(default=None, metadata=doc("PPO: value model.", section=ValueSection))
+    train: dict[str, Any] = field(
+        default_factory=dict, metadata=doc("Fields of the stage's config class: SFTConfig, RewardConfig, hfalign PPOConfig.")
+    )
+    callbacks: list[Any] = field(
+        default_factory=lambda: ["metrics"], metadata=doc("Callbacks by name, or {name: ..., option: value}. See callbacks.py.")
+    )
+    resume: bool = field(default=True, metadata=doc("Resume from the run directory's last checkpoint when one exists."))
+    overwrite: bool = field(default=False, metadata=doc("Allow replacing a finished run in output_dir."))
+    extends: str | None = field(default=None, metadata=doc("A recipe to start from (path relative to this one); deep-merged."))
+    source: str = field(default="", metadata=doc("", hidden=True))
+
+    def check(self, where: str) -> None:
+        if self.quantization.enabled and not self.lora.enabled:
+            raise UserError("'quantization' loads a frozen quantized base, which only trains through an adapter.",
+                            fix="set lora.enabled: true (QLoRA) or remove quantization")
+        if self.stage == "ppo":
+            if self.reward is None:
+                raise UserError("'reward' section is required for stage ppo.", fix="add reward: {model: outputs/rm}")
+        else:
+            for key in ("reward", "value"):
+                if getattr(self, key) is not None:
+                    raise UserError(f"'{key}' is only for stage ppo, and this recipe's stage is {self.stage!r}.", fix=f"remove '{key}'")
+        for i, cb in enumerate(self.callbacks):
+            name = cb.get("name") if isinstance(cb, dict) else cb
+            if not isinstance(name, str):
+                raise UserError(f"'callbacks[{i}]' must be a name or a mapping with 'name', got {cb!r}.", fix="e.g. callbacks: [metrics]")
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+
+def read_mapping(path: Path, where: str) -> dict:
+    """Read one YAML file that must hold a mapping; every failure names the file."""
+    if not path.is_file():
+        raise UserError(f"recipe file {str(path)!r} does not exist.", where=where, fix="check the path")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise UserError("is a binary file, not a YAML recipe.", where=str(path), fix="pass a .yaml recipe")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"is not UTF-8 text (byte {e.start}).", where=str(path), fix="save the recipe as UTF-8") from None
+    if not text.strip():
+        raise UserError("is empty.", where=str(path), fix="write a recipe (see recipes/sft.yaml)")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"is not valid YAML{at}: {getattr(e, 'problem', e)}.", where=str(path), fix="fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"must be a YAML mapping (key: value), got {type(data).__name__}.", where=str(path),
+                        fix="start the file with 'stage: sft' and other top-level keys")
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The recipe's mapping with its `extends` chain merged in (parents first)."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise UserError(f"'extends' forms a cycle: {cycle}.", where=str(chain[-1]), fix="remove one of the extends")
+    data = read_mapping(path, str(chain[-1]) if chain else "command line")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise UserError(f"'extends' must be a path, got {parent!r}.", where=str(path), fix="extends: base.yaml")
+    target = path.parent / parent
+    if not target.is_file():
+        raise UserError(f"'extends' target {parent!r} does not exist (looked at {target}).", where=str(path),
+                        fix="paths in extends are relative to the recipe that names them")
+    return deep_merge(load_tree(target, (*chain, path)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override {text!r} has no '='.", where="command line", fix="write overrides as key.sub=value, e.g. train.learning_rate=1e-4")
+    key, _, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(re.match(r"^\w+$", p) for p in parts):
+        raise UserError(f"override {text!r} has a malformed key {key!r}.", where="command line", fix="use dotted names like lora.r=8")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        raise UserError(f"override {text!r}: value {value!r} is not valid YAML.", where="command line",
+                        fix="quote strings with special characters, e.g. key='a: b'") from None
+    return parts, parsed
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = dict(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise UserError(f"override {text!r}: '{'.'.join(parts[: i + 1])}' is a value, not a section.", where="command line",
+                                fix="override the value itself")
+            node[part] = dict(child)
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read, merge, override and validate a recipe. Raises UserError; loads no model and no data."""
+    source = Path(path)
+    tree = apply_overrides(load_tree(source), overrides or [])
+    where = str(source)
+    try:
+        stage = tree.get("stage")
+        if stage not in STAGES:
+            raise UserError(f"'stage' must be one of {', '.join(STAGES)}, got {stage!r}.", fix="set stage: sft, rm or ppo")
+        for key in ("reward", "value"):  # optional sections: present -> typed
+            if key in tree and tree[key] is None:
+                tree[key] = {}
+        recipe = _parse_recipe(tree)
+        recipe.source = str(source)
+        validate_train(recipe)
+    except UserError as e:
+        if e.where is None:
+            e.where = where
+            e.args = (e.format(),)
+        raise
+    return recipe
+
+
+def _parse_recipe(tree: dict) -> Recipe:
+    types_ = field_types(Recipe)
+    check_keys(tree, [n for n in types_ if n != "source"], "")
+    kwargs = {}
+    for f in dataclasses.fields(Recipe):
+        if f.name == "source" or f.name not in tree:
+            continue
+        section = f.metadata.get("section") or (types_[f.name] if dataclasses.is_dataclass(types_[f.name]) else None)
+        kwargs[f.name] = parse_into(section, tree[f.name], f.name) if section else check_value(tree[f.name], types_[f.name], f.name)
+    for f in dataclasses.fields(Recipe):
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name != "source":
+            raise UserError(f"'{f.name}' is required.", fix=f"add '{f.name}:' ({f.metadata.get('help')})")
+    recipe = Recipe(**kwargs)
+    recipe.check("")
+    return recipe
+
+
+# --- the stage's TRL/transformers config ------------------------------------------------------------------------
+
+
+def config_class(stage: str) -> type:
+    if stage == "sft":
+        from trl import SFTConfig
+
+        return SFTConfig
+    if stage == "rm":
+        from trl import RewardConfig
+
+        return RewardConfig
+    from hfalign.ppo.config import PPOConfig
+
+    return PPOConfig
+
+
+# Keys hfalign owns elsewhere in the recipe; setting them under train: would be ambiguous.
+OWNED_KEYS = {
+    "output_dir": "set the top-level 'output_dir' instead",
+    "model_init_kwargs": "use the 'model' section (dtype, attn_implementation, revision)",
+    "trust_remote_code": "set 'model.trust_remote_code'",
+    "chat_template_path": "set 'model.chat_template'",
+    "pad_token": "set 'model.pad_token'",
+    "resume_from_checkpoint": "set the top-level 'resume' (true resumes from the run directory's last checkpoint)",
+    "overwrite_output_dir": "set the top-level 'overwrite'",
+}
+
+POSITIVE = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+            "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps", "eval_steps",
+            "num_ppo_epochs", "num_mini_batches", "response_length", "temperature", "local_rollout_forward_batch_size")
+NON_NEGATIVE = ("weight_decay", "warmup_steps", "max_grad_norm", "kl_coef", "cliprange", "cliprange_value", "vf_coef",
+                "entropy_coef", "save_total_limit", "warmup_ratio")
+
+
+def validate_train(recipe: Recipe) -> None:
+    """Check `train:` against the stage's config class: known keys, types, ranges; then let the class itself judge."""
+    cls = config_class(recipe.stage)
+    types_ = field_types(cls)
+    allowed = [f.name for f in dataclasses.fields(cls) if f.init]
+    train = recipe.train
+    for key in train:
+        if key in OWNED_KEYS:
+            raise UserError(f"'train.{key}' is set by hfalign.", fix=OWNED_KEYS[key])
+    check_keys(train, allowed, "train")
+    checked = {key: check_value(value, types_[key], f"train.{key}") for key, value in train.items()}
+    for key in POSITIVE:
+        if key in checked and checked[key] is not None and checked[key] <= 0:
+            raise UserError(f"'train.{key}' must be > 0, got {checked[key]}.", fix=f"set train.{key} to a positive number")
+    for key in NON_NEGATIVE:
+        if key in checked and checked[key] is not None and checked[key] < 0:
+            raise UserError(f"'train.{key}' must be >= 0, got {checked[key]}.", fix=f"set train.{key} to 0 or more")
+    recipe.train = checked
+    try:
+        build_train_args(recipe, probe=True)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"train: {cls.__name__} rejects these settings: {e}", fix="adjust the train: section") from None
+
+
+def build_train_args(recipe: Recipe, probe: bool = False):
+    """The stage's config object: the user's train: values plus what hfalign decides (output_dir, backend)."""
+    import torch
+
+    cls = config_class(recipe.stage)
+    kwargs = dict(recipe.train)
+    kwargs["output_dir"] = recipe.output_dir
+    if not torch.cuda.is_available():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Launched on CPU: without gloo, accelerate/DeepSpeed see world_size 1 and DeepSpeed's batch assert fires.
+            kwargs.setdefault("ddp_backend", "gloo")
+        kwargs.setdefault("bf16", False)  # TRL configs default to bf16, which CPUs reject without use_cpu
+    kwargs.setdefault("report_to", "none")
+    kwargs.setdefault("disable_tqdm", True)  # the metrics callback prints one concise line per log instead
+    if recipe.model.trust_remote_code and "trust_remote_code" in {f.name for f in dataclasses.fields(cls)}:
+        kwargs["trust_remote_code"] = True
+    if probe:
+        kwargs.pop("deepspeed", None)  # the DeepSpeed plugin would initialise distributed state; checked at train time
+    return cls(**kwargs)

@@ -1,0 +1,118 @@
+"""The run directory: refuse to clobber, resume from the last checkpoint, record the recipe, finish atomically.
+
+    outputs/<run>/
+      recipe.resolved.yaml   the fully resolved recipe (written before training)
+      versions.json          python and package versions
+      metrics.jsonl          one JSON object per logged dict (callbacks.MetricsCallback)
+      checkpoint-N/          Trainer checkpoints (resume)
+      hfalign_done.json      written last: the run finished and the model files are complete
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from hfalign.errors import UserError
+from hfalign.recipe import Recipe
+
+DONE = "hfalign_done.json"
+PACKAGES = ("hfalign", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed", "bitsandbytes")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def resolved(recipe: Recipe) -> dict:
+    data = dataclasses.asdict(recipe)
+    data.pop("source")
+    data.pop("extends")
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def last_checkpoint(out: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(out)) if out.is_dir() else None
+
+
+def decide(recipe: Recipe) -> tuple[str, str | None]:
+    """('fresh' | 'resume' | 'overwrite', checkpoint). Pure decision, no side effects; raises on clobber."""
+    out = Path(recipe.output_dir)
+    if not out.is_dir() or not any(out.iterdir()):
+        return "fresh", None
+    if recipe.overwrite:
+        return "overwrite", None
+    if (out / DONE).exists():
+        raise UserError(f"{out} already holds a finished {recipe.stage} run.",
+                        fix="pass overwrite=true to replace it, or output_dir=<another dir>")
+    ckpt = last_checkpoint(out)
+    if ckpt and recipe.resume:
+        return "resume", ckpt
+    if ckpt:
+        raise UserError(f"{out} holds checkpoints of an unfinished run and resume is false.",
+                        fix="pass resume=true to continue it, or overwrite=true to start over")
+    if (out / "recipe.resolved.yaml").exists():
+        return "fresh", None  # our own run that died before its first checkpoint: nothing to keep
+    raise UserError(f"{out} is not empty and is not an hfalign run directory.",
+                    fix="choose another output_dir, or pass overwrite=true to delete its contents")
+
+
+def prepare(recipe: Recipe, is_main: bool) -> str | None:
+    """Apply decide() on the main process (others only read); return the checkpoint to resume from."""
+    mode, ckpt = decide(recipe)
+    out = Path(recipe.output_dir)
+    if is_main:
+        if mode == "overwrite":
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if mode == "fresh":
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            _trim_metrics(out / "metrics.jsonl", _checkpoint_step(ckpt))
+        atomic_write(out / "recipe.resolved.yaml", yaml.safe_dump(resolved(recipe), sort_keys=False))
+        atomic_write(out / "versions.json", json.dumps(versions(), indent=2) + "\n")
+        if ckpt:
+            print(f"hfalign: resuming {recipe.stage} from {ckpt}", flush=True)
+    return ckpt
+
+
+def _checkpoint_step(ckpt: str | None) -> int:
+    return int(ckpt.rsplit("-", 1)[-1]) if ckpt else 0
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint, so metrics.jsonl has no duplicated steps."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    atomic_write(path, "".join(ln + "\n" for ln in keep))
+
+
+def finish(recipe: Recipe, is_main: bool, summary: dict) -> None:
+    """Mark the run complete; called after the model files are saved, so the marker never lies."""
+    if is_main:
+        info = {"stage": recipe.stage, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary}
+        atomic_write(Path(recipe.output_dir) / DONE, json.dumps(info, indent=2) + "\n")
