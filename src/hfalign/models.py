@@ -145,7 +145,10 @@ def prepare_quantized(model, gradient_checkpointing: bool = False):
 
 def apply_adapter(model, path: str, trainable: bool):
     """Load a trained PEFT adapter: trainable to continue it, else merged into the weights (e.g. SFT LoRA -> RM base)."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
-    peft_model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
+    config = PeftConfig.from_pretrained(path)
+    if not trainable:
+        config.task_type = None  # merge only: a causal-LM adapter may land on a classifier, so no task wrapper
+    peft_model = PeftModel.from_pretrained(model, path, config=config, is_trainable=trainable)
     return peft_model if trainable else peft_model.merge_and_unload()

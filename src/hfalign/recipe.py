@@ -211,13 +211,8 @@ class Recipe:
         if self.quantization.enabled and not self.lora.enabled:
             raise UserError("'quantization' loads a frozen quantized base, which only trains through an adapter.",
                             fix="set lora.enabled: true (QLoRA) or remove quantization")
-        if self.stage == "ppo":
-            if self.reward is None:
-                raise UserError("'reward' section is required for stage ppo.", fix="add reward: {model: outputs/rm}")
-        else:
-            for key in ("reward", "value"):
-                if getattr(self, key) is not None:
-                    raise UserError(f"'{key}' is only for stage ppo, and this recipe's stage is {self.stage!r}.", fix=f"remove '{key}'")
+        if self.stage == "ppo" and self.reward is None:
+            raise UserError("'reward' section is required for stage ppo.", fix="add reward: {model: outputs/rm}")
         for i, cb in enumerate(self.callbacks):
             name = cb.get("name") if isinstance(cb, dict) else cb
             if not isinstance(name, str):
@@ -337,6 +332,9 @@ def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
 def _parse_recipe(tree: dict) -> Recipe:
     types_ = field_types(Recipe)
     check_keys(tree, [n for n in types_ if n != "source"], "")
+    for key in ("reward", "value"):
+        if key in tree and tree["stage"] != "ppo":
+            raise UserError(f"'{key}' is only for stage ppo, and this recipe's stage is {tree['stage']!r}.", fix=f"remove '{key}'")
     kwargs = {}
     for f in dataclasses.fields(Recipe):
         if f.name == "source" or f.name not in tree:

@@ -172,9 +172,10 @@ def describe_schema(cls: type, prefix: str = "") -> list[str]:
             continue
         path = f"{prefix}{f.name}"
         tp = types_[f.name]
-        if dataclasses.is_dataclass(tp):
+        section = f.metadata.get("section") or (tp if dataclasses.is_dataclass(tp) else None)
+        if section:
             lines.append(f"{path}:  {f.metadata.get('help', '')}")
-            lines += describe_schema(tp, prefix=path + ".")
+            lines += describe_schema(section, prefix=path + ".")
             continue
         default = f.default if f.default is not MISSING else ("required" if f.default_factory is MISSING else f.default_factory())
         lines.append(f"{path}  ({describe(tp)}; default {default!r})  {f.metadata.get('help', '')}")

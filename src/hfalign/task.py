@@ -102,6 +102,8 @@ def generate(seed: int = 0) -> dict[str, list[dict]]:
             prompt = prompt_for(rng.choice(pool))
             if rng.random() < 0.2:
                 chosen, rejected = review(rng), broken(rng)
+                if objective(chosen) <= objective(rejected):  # an all-negative review ties with broken text
+                    continue
             else:
                 a, b = review(rng), review(rng)
                 if positivity(a) == positivity(b):

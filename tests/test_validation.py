@@ -1,0 +1,140 @@
+"""Every user mistake of the foundation issue: one clear line (what, where, fix), exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import PYTHON, cli, run
+
+
+def assert_user_error(code, out, err, *needles):
+    assert code == 2, (code, out, err)
+    lines = [ln for ln in err.splitlines() if ln.startswith("hfalign: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_valid_recipe_passes(write_recipe, sft_recipe):
+    code, out, err = cli("validate", str(write_recipe(sft_recipe)))
+    assert code == 0, err
+    assert "valid sft recipe" in out
+
+
+@pytest.mark.parametrize(
+    "mutate, needles",
+    [
+        (lambda r: r.update(stag="sft"), ["unknown key 'stag'", "did you mean 'stage'"]),
+        (lambda r: r["model"].update(nmae_or_path="x"), ["unknown key 'model.nmae_or_path'", "'name_or_path'"]),
+        (lambda r: r["train"].update(learnig_rate=1e-3), ["unknown key 'train.learnig_rate'", "'learning_rate'"]),
+        (lambda r: r["lora"] if False else r.update(lora={"r": "abc"}), ["'lora.r' must be int", "'abc'"]),
+        (lambda r: r["train"].update(learning_rate=0), ["'train.learning_rate' must be > 0"]),
+        (lambda r: r["train"].update(learning_rate=-1e-4), ["'train.learning_rate' must be > 0"]),
+        (lambda r: r["train"].update(per_device_train_batch_size=0), ["'train.per_device_train_batch_size' must be > 0"]),
+        (lambda r: r["train"].update(num_train_epochs="many"), ["'train.num_train_epochs' must be float"]),
+        (lambda r: r["data"].update(train="/nope/missing.jsonl"), ["'data.train' file", "does not exist"]),
+        (lambda r: r["model"].update(name_or_path="./no/such/model"), ["'model.name_or_path'", "not an existing directory"]),
+        (lambda r: r.update(stage="dpo"), ["'stage' must be one of sft, rm, ppo", "'dpo'"]),
+        (lambda r: r.pop("output_dir"), ["'output_dir' is required"]),
+        (lambda r: r["train"].update(output_dir="x"), ["'train.output_dir' is set by hfalign", "top-level 'output_dir'"]),
+        (lambda r: r.update(quantization={"load_in_4bit": True}), ["lora.enabled: true"]),
+        (lambda r: r.update(reward={"model": "x"}), ["'reward' is only for stage ppo"]),
+        (lambda r: r.update(callbacks=["nope"]), ["unknown callback 'nope'", "metrics"]),
+        (lambda r: r.update(callbacks=[{"name": "metrics", "colour": 1}]), ["has no option 'colour'"]),
+        (lambda r: r["data"].update(eval_fraction=1.5), ["'data.eval_fraction' must be in [0, 1)"]),
+        (lambda r: r["train"].update(lr_scheduler_type="zigzag"), ["SFTConfig rejects", "zigzag"]),
+    ],
+    ids=["unknown-top", "unknown-nested", "unknown-train", "wrong-type", "lr-zero", "lr-negative", "batch-zero",
+         "epochs-type", "missing-data", "missing-model", "bad-stage", "missing-required", "owned-key", "qlora-no-lora",
+         "reward-in-sft", "unknown-callback", "callback-option", "eval-fraction", "config-rejects"],
+)
+def test_bad_recipe(write_recipe, sft_recipe, mutate, needles):
+    mutate(sft_recipe)
+    path = write_recipe(sft_recipe)
+    line = assert_user_error(*cli("validate", str(path)), *needles)
+    assert str(path) in line  # where: the file
+    assert "Fix:" in line  # how to fix
+
+
+def test_yaml_exponent_string_is_a_float(write_recipe, sft_recipe):
+    """PyYAML reads `1e-5` as a string (YAML 1.1); a float field accepts it anyway."""
+    text = json.dumps(sft_recipe).replace('"learning_rate": 0.001', '"learning_rate": "1e-5"')
+    code, out, err = cli("show", str(write_recipe(text)))
+    assert code == 0, err
+    assert "learning_rate: 1.0e-05" in out
+
+
+@pytest.mark.parametrize(
+    "content, needles",
+    [
+        ("", ["is empty"]),
+        ("   \n\n", ["is empty"]),
+        ("- a\n- b\n", ["must be a YAML mapping", "list"]),
+        ("just a string", ["must be a YAML mapping"]),
+        ("stage: sft\n  bad: [indent\n", ["is not valid YAML", "line"]),
+        (b"\x00\x01\x02binary", ["binary file"]),
+        (b"stage: \xff\xfe sft", ["not UTF-8"]),
+    ],
+    ids=["empty", "blank", "list", "scalar", "syntax", "binary", "not-utf8"],
+)
+def test_bad_file(tmp_path, content, needles):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert_user_error(*cli("validate", str(path)), str(path), *needles)
+
+
+def test_missing_recipe_file(tmp_path):
+    assert_user_error(*cli("validate", str(tmp_path / "nope.yaml")), "does not exist")
+
+
+def test_extends_cycle_and_missing_target(write_recipe, sft_recipe):
+    write_recipe({"extends": "b.yaml", "stage": "sft"}, "a.yaml")
+    b = write_recipe({"extends": "a.yaml"}, "b.yaml")
+    assert_user_error(*cli("validate", str(b)), "'extends' forms a cycle", "a.yaml", "b.yaml")
+    c = write_recipe({"extends": "missing.yaml", **sft_recipe}, "c.yaml")
+    assert_user_error(*cli("validate", str(c)), "'extends' target 'missing.yaml' does not exist")
+    d = write_recipe({"extends": "d.yaml", **sft_recipe}, "d.yaml")
+    assert_user_error(*cli("validate", str(d)), "cycle")
+
+
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("lora.r", ["has no '='", "key.sub=value"]),
+        ("model.nmae=x", ["unknown key 'model.nmae'"]),
+        ("lora.r=[1,", ["is not valid YAML"]),
+        ("lora.r=abc", ["'lora.r' must be int"]),
+        ("=3", ["malformed key"]),
+        ("model.name_or_path.x=1", ["is a value, not a section"]),
+    ],
+    ids=["no-equals", "unknown-key", "bad-yaml", "bad-type", "empty-key", "value-not-section"],
+)
+def test_bad_override(write_recipe, sft_recipe, override, needles):
+    assert_user_error(*cli("validate", str(write_recipe(sft_recipe)), override), *needles)
+
+
+def test_bad_data_rows_found_by_validate(write_recipe, sft_recipe, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": ""}\n')
+    sft_recipe["data"] = {"train": str(bad)}
+    assert_user_error(*cli("validate", str(write_recipe(sft_recipe))), str(bad), "line 2", "'completion' is empty")
+
+
+def test_remote_code_must_be_asked_for(write_recipe, sft_recipe, tmp_path):
+    fake = tmp_path / "chatglm3"
+    fake.mkdir()
+    (fake / "config.json").write_text(json.dumps({"model_type": "chatglm", "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig"}}))
+    sft_recipe["model"]["name_or_path"] = str(fake)
+    assert_user_error(*cli("validate", str(write_recipe(sft_recipe))), "needs its own Python code", "trust_remote_code: true")
+
+
+def test_real_process_exits_2_without_traceback(write_recipe, sft_recipe):
+    """The same through a real `python -m hfalign` process (what users and accelerate launch run)."""
+    sft_recipe["train"]["learning_rate"] = 0
+    proc = run([PYTHON, "-m", "hfalign", "validate", str(write_recipe(sft_recipe))], check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "'train.learning_rate' must be > 0" in proc.stderr
