@@ -21,6 +21,7 @@ from hfalign.errors import UserError
 from hfalign.schema import check_keys, check_value, doc, field_types, parse_into
 
 STAGES = ("sft", "rm", "ppo")
+PPO_SECTIONS = ("reward", "value", "summary")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -166,8 +167,8 @@ class RewardSection:
             raise UserError(f"'{where}' needs exactly one of 'model' or 'function'.", fix="set reward.model: outputs/rm or reward.function: pkg.mod:fn")
         if self.model is not None and not os.path.isdir(self.model):
             raise UserError(f"'{where}.model' directory {self.model!r} does not exist.", fix="train it first (`make rm`) or fix the path")
-        if self.function is not None and not re.match(r"^[\w.]+:\w+$", self.function):
-            raise UserError(f"'{where}.function' is {self.function!r}; expected 'package.module:function'.", fix="e.g. hfalign.task:positivity_reward")
+        if self.function is not None:
+            import_function(self.function, f"{where}.function")
 
 
 @dataclass
@@ -187,6 +188,36 @@ class ValueSection:
 
 
 @dataclass
+class SummarySection:
+    """PPO only: rule-based checks for the before/after summary on held-out prompts (data.eval)."""
+
+    objective: str | None = field(default=None, metadata=doc("'package.module:function(completion) -> float': the true objective."))
+    well_formed: str | None = field(default=None, metadata=doc("'package.module:function(completion) -> bool'."))
+
+    def check(self, where: str) -> None:
+        for key in ("objective", "well_formed"):
+            if getattr(self, key):
+                import_function(getattr(self, key), f"{where}.{key}")
+
+
+def import_function(spec: str, where: str):
+    """'package.module:function' -> the function, or a UserError naming the key."""
+    import importlib
+
+    if not re.match(r"^[\w.]+:\w+$", spec):
+        raise UserError(f"'{where}' is {spec!r}; expected 'package.module:function'.", fix="e.g. hfalign.task:positivity_reward")
+    module_name, _, name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"'{where}': cannot import module {module_name!r} ({e}).", fix="check the module path and PYTHONPATH") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UserError(f"'{where}': module {module_name!r} has no function {name!r}.", fix="check the function name")
+    return fn
+
+
+@dataclass
 class Recipe:
     stage: Literal["sft", "rm", "ppo"] = field(metadata=doc("Which stage this recipe runs."))
     output_dir: str = field(metadata=doc("Run directory: model, checkpoints, metrics.jsonl, recipe.resolved.yaml."))
@@ -196,6 +227,7 @@ class Recipe:
     quantization: QuantizationSection = field(default_factory=QuantizationSection, metadata=doc("bitsandbytes loading."))
     reward: RewardSection | None = field(default=None, metadata=doc("PPO: reward model or function.", section=RewardSection))
     value: ValueSection | None = field(default=None, metadata=doc("PPO: value model.", section=ValueSection))
+    summary: SummarySection | None = field(default=None, metadata=doc("PPO: rule checks for the before/after summary.", section=SummarySection))
     train: dict[str, Any] = field(
         default_factory=dict, metadata=doc("Fields of the stage's config class: SFTConfig, RewardConfig, hfalign PPOConfig.")
     )
@@ -315,7 +347,7 @@ def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
         stage = tree.get("stage")
         if stage not in STAGES:
             raise UserError(f"'stage' must be one of {', '.join(STAGES)}, got {stage!r}.", fix="set stage: sft, rm or ppo")
-        for key in ("reward", "value"):  # optional sections: present -> typed
+        for key in PPO_SECTIONS:  # optional sections: present -> typed
             if key in tree and tree[key] is None:
                 tree[key] = {}
         recipe = _parse_recipe(tree)
@@ -332,7 +364,7 @@ def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
 def _parse_recipe(tree: dict) -> Recipe:
     types_ = field_types(Recipe)
     check_keys(tree, [n for n in types_ if n != "source"], "")
-    for key in ("reward", "value"):
+    for key in PPO_SECTIONS:
         if key in tree and tree["stage"] != "ppo":
             raise UserError(f"'{key}' is only for stage ppo, and this recipe's stage is {tree['stage']!r}.", fix=f"remove '{key}'")
     kwargs = {}

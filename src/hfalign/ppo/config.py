@@ -1,0 +1,84 @@
+"""PPOConfig: TrainingArguments plus the PPO fields (names follow TRL 1.12's PPOConfig where they overlap), and the
+one pure function that derives batch sizes and step counts from it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    # Defaults that differ from TrainingArguments
+    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N PPO updates (rollout batches)."})
+    save_steps: float = field(default=20, metadata={"help": "Checkpoint every N PPO updates."})
+    report_to: str | list[str] | None = field(default="none", metadata={"help": "Integrations to report to."})
+
+    # Rollout
+    total_episodes: int | None = field(default=None, metadata={"help": "Episodes (prompts) to train on; default num_train_epochs * dataset size."})
+    response_length: int = field(default=53, metadata={"help": "Maximum new tokens per response."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; logprobs use the same one."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1.0 = off)."})
+    local_rollout_forward_batch_size: int = field(default=64, metadata={"help": "Per-process batch of no-grad forward passes in the rollout."})
+    ds3_gather_for_generation: bool = field(default=True, metadata={"help": "ZeRO-3: gather weights for generation (faster) instead of generating sharded."})
+
+    # Score
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of a response with no EOS (truncated)."})
+    score_clip: float | None = field(default=None, metadata={"help": "Clip scores to [-score_clip, score_clip]."})
+    normalize_scores: bool = field(default=False, metadata={"help": "Normalise scores by their running mean and std."})
+
+    # KL
+    kl_coef: float = field(default=0.05, metadata={"help": "Initial KL coefficient beta in r_t = -beta * KL_t."})
+    kl_estimator: Literal["k1", "k3"] = field(default="k1", metadata={"help": "Per-token KL estimator."})
+    adaptive_kl: bool = field(default=False, metadata={"help": "Adapt beta towards target_kl (Ziegler et al. 2019)."})
+    target_kl: float = field(default=6.0, metadata={"help": "Adaptive KL target (per-sequence KL, nats)."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon (episodes)."})
+
+    # Advantages and updates
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards before GAE."})
+    whiten_advantages: bool = field(default=True, metadata={"help": "Whiten advantages over each batch."})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Minibatches per rollout batch; one optimizer step each."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip around the rollout values."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Value loss coefficient."})
+    entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus coefficient."})
+    early_stop_kl: float | None = field(default=None, metadata={"help": "Stop a batch's PPO epochs once approx-KL exceeds this."})
+
+    # Evaluation
+    num_eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts in the before/after summary."})
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Every derived number, computed once and logged once (never written back into the user's config)."""
+
+    world_size: int
+    micro_batch: int  # per process, one forward/backward
+    mini_batch: int  # per process, one optimizer step (micro_batch * gradient_accumulation_steps)
+    rollout_batch: int  # per process, prompts per PPO update (mini_batch * num_mini_batches)
+    global_rollout_batch: int  # across processes
+    num_updates: int  # rollout batches in the run
+    optimizer_steps_per_update: int  # num_ppo_epochs * num_mini_batches
+    total_optimizer_steps: int
+    total_episodes: int
+
+
+def plan(args: PPOConfig, world_size: int, dataset_size: int) -> BatchPlan:
+    mini = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    rollout = mini * args.num_mini_batches
+    global_rollout = rollout * world_size
+    episodes = args.total_episodes or int(args.num_train_epochs * dataset_size)
+    updates = max(1, math.ceil(episodes / global_rollout))
+    if args.max_steps and args.max_steps > 0:
+        updates = args.max_steps
+    per_update = args.num_ppo_epochs * args.num_mini_batches
+    return BatchPlan(world_size, args.per_device_train_batch_size, mini, rollout, global_rollout, updates, per_update,
+                     updates * per_update, updates * global_rollout)

@@ -1,0 +1,167 @@
+"""PPO for language models as small pure functions over tensors and masks. Imports only torch.
+
+Shapes: B sequences x T response tokens. `mask` is 1 on real response tokens (up to and including EOS, or to the
+end for a truncated response) and 0 after; everything after a response's end is zero and excluded from every mean
+(DeepSpeed-Chat PRs #620, #672).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; positions outside the mask come back as 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mask, last index, has_eos) of each response. The last real token is the first EOS, or the final token of a
+    truncated response; the reward goes there, not on the pad after EOS (huggingface/trl#3750)."""
+    B, T = responses.shape
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(dim=1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, T - 1, dtype=torch.long))
+    positions = torch.arange(T, device=responses.device).expand(B, T)
+    mask = (positions <= first_eos.unsqueeze(1)).long()
+    return mask, first_eos, has_eos
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them (OpenRLHF#217, trl#469)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token) at the sampling temperature, in fp32 (trl#2358: logprobs at T=1 of samples drawn at T make
+    PPO off-policy from step one; OpenRLHF PR #634: bf16 logits make KL noisy)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token entropy of the sampling distribution; always >= 0."""
+    logits = logits.float() / temperature
+    p = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate from sampled tokens (http://joschu.net/blog/kl-approx.html).
+    k1 = log pi - log ref (unbiased, can be negative per token); k3 = (r - 1) - log r with r = ref / pi (>= 0)."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1' or 'k3'")
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, last_index: torch.Tensor,
+                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """r_t = -kl_coef * KL_t on every real token, plus the sequence score on its last real token.
+    Returns (rewards, non_score_rewards), both zero after the response ends."""
+    non_score = -kl_coef * kl * mask
+    rewards = non_score.clone()
+    rewards[torch.arange(len(scores), device=scores.device), last_index] += scores
+    return rewards, non_score
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation, masked: no value is bootstrapped from beyond a response's end.
+    Returns (advantages, returns) with returns = advantages + values; both zero after the end."""
+    rewards, values = rewards * mask, values * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate. Stats: clipfrac, approx-KL (0.5 * E[log r^2]), ratio mean and variance."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    loss1 = -advantages * ratio
+    loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(loss1, loss2), mask)
+    stats = {
+        "clipfrac": masked_mean((loss2 > loss1).float(), mask),
+        "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
+        "ratio": masked_mean(ratio, mask),
+        "ratio_var": masked_var(ratio, mask, unbiased=False),
+    }
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 0.5 * E[max((v - R)^2, (clip(v) - R)^2)] and the fraction where clipping bit."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    loss1 = (values - returns) ** 2
+    loss2 = (clipped - returns) ** 2
+    return 0.5 * masked_mean(torch.max(loss1, loss2), mask), masked_mean((loss2 > loss1).float(), mask)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant, < 0 worse."""
+    var_returns = masked_var(returns, mask, unbiased=False)
+    return 1 - masked_var(returns - values, mask, unbiased=False) / var_returns.clamp(min=1e-8)
+
+
+def adaptive_kl_coef(coef: float, current_kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """Ziegler et al. 2019: move the KL coefficient so the measured KL tracks `target`; the proportional error is
+    clipped to +-0.2 and scaled by n_steps / horizon."""
+    error = min(max(current_kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n_steps / horizon)
+
+
+class RunningMoments:
+    """Running mean and std of scores (Chan et al. parallel update), for reward normalisation; checkpointable."""
+
+    def __init__(self, mean: float = 0.0, var: float = 1.0, count: float = 1e-24):
+        self.mean, self.var, self.count = mean, var, count
+
+    def update(self, xs: torch.Tensor) -> None:
+        xs = xs.double()
+        n, batch_mean = xs.numel(), xs.mean().item()
+        batch_var = xs.var(unbiased=False).item() if n > 1 else 0.0
+        delta, total = batch_mean - self.mean, self.count + n
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 1e-8))
+
+    def state(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}

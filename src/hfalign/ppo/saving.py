@@ -1,0 +1,56 @@
+"""Write a PolicyAndValue state dict as standard HF artefacts.
+
+    output_dir/                 policy: full model (AutoModelForCausalLM) or LoRA adapter (PeftModel) + tokenizer
+    output_dir/value/           critic: full scalar-head model, or the value adapter + value_head.safetensors
+    output_dir/trainable.safetensors   (checkpoints only) every trainable tensor, for non-DeepSpeed resume
+
+The state dict may come gathered from ZeRO-3 (16-bit consolidated) or from a DDP/CPU module; either way the files
+must be non-empty and loadable (LoRA under ZeRO-3 wrote empty adapters elsewhere: peft#2500, trl#4416).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from hfalign.ppo.models import PolicyAndValue
+
+
+def _contiguous(sd: dict) -> dict:
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def save_parts(wrapper: PolicyAndValue, state_dict: dict, output_dir: str, tokenizer, checkpoint: bool) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    policy_sd, value_sd = wrapper.split_state_dict(state_dict)
+    value_dir = os.path.join(output_dir, "value")
+    os.makedirs(value_dir, exist_ok=True)
+    if wrapper.shared:
+        from peft.utils import get_peft_model_state_dict
+
+        wrapper.policy.save_pretrained(output_dir, state_dict=_contiguous(policy_sd), selected_adapters=["default"])
+        wrapper.policy.get_base_model().generation_config.save_pretrained(output_dir)
+        if wrapper.critic is None:
+            adapter = get_peft_model_state_dict(wrapper.policy, state_dict=policy_sd, adapter_name="value")
+            save_file(_contiguous(adapter), os.path.join(value_dir, "adapter_model.safetensors"))
+            wrapper.policy.peft_config["value"].save_pretrained(value_dir)
+            head = {k[len("value_head."):]: v for k, v in value_sd.items() if k.startswith("value_head.")}
+            save_file(_contiguous(head), os.path.join(value_dir, "value_head.safetensors"))
+    else:
+        wrapper.policy.save_pretrained(output_dir, state_dict=_contiguous(policy_sd))
+    if wrapper.critic is not None:
+        critic_sd = {k: v for k, v in value_sd.items() if not k.startswith("value_head.")}
+        wrapper.critic.save_pretrained(value_dir, state_dict=_contiguous(critic_sd))
+    tokenizer.save_pretrained(output_dir)
+    if checkpoint:
+        trainable = {n for n, p in wrapper.named_parameters() if p.requires_grad}
+        save_file(_contiguous({k: v for k, v in state_dict.items() if k in trainable}),
+                  os.path.join(output_dir, "trainable.safetensors"))
+
+
+def load_value_head(value_dir: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(value_dir, "value_head.safetensors"))["weight"]

@@ -1,0 +1,372 @@
+"""hfalign's PPOTrainer: a transformers Trainer whose training loop is PPO.
+
+    rollout (generate) -> score -> old/ref logprobs and values -> KL-penalised rewards -> GAE -> minibatch updates
+
+It calls `Trainer.__init__` and reuses the Trainer's machinery for the rest — accelerator and DeepSpeed setup,
+optimizer and scheduler, callbacks and report_to, logging, checkpoint rotation, `save_model` under DDP and ZeRO-3
+(TRL 1.12 skipped `Trainer.__init__` and broke saving: huggingface/trl#2885, #3301). A checkpoint holds the policy,
+the value model (TRL 1.12 lost it: trl#3293), optimizer, scheduler, RNG, KL coefficient and episode counter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+
+import torch
+from transformers import GenerationConfig, Trainer
+from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_utils import TrainOutput
+
+from hfalign.ppo import core
+from hfalign.ppo.config import PPOConfig, plan
+from hfalign.ppo.models import PolicyAndValue
+
+PPO_STATE = "hfalign_ppo_state.json"
+TRAINABLE = "trainable.safetensors"
+
+
+def prompt_batches(n: int, batch: int, rank: int, world: int, seed: int):
+    """Endless per-process index batches: a fresh seeded permutation per pass, sharded by rank, full batches only."""
+    epoch = 0
+    while True:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        mine = perm[rank::world]
+        for start in range(0, len(mine) - batch + 1, batch):
+            yield mine[start:start + batch]
+        epoch += 1
+        if len(mine) < batch:
+            raise ValueError(f"{n} prompts cannot fill one batch of {batch} per process on {world} processes")
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    return ids, mask
+
+
+class PPOTrainer(Trainer):
+    def __init__(self, args: PPOConfig, processing_class, model, ref_model=None, reward_model=None, value_model=None,
+                 train_dataset=None, eval_dataset=None, peft_config=None, callbacks=None):
+        """`model` is a causal LM (assembled here, TRL-style) or a ready PolicyAndValue (what the recipe stage builds).
+        `reward_model` is a scalar-head model or a function `(prompts, completions) -> list[float]`."""
+        self.reward_fn = reward_model if callable(reward_model) and not isinstance(reward_model, torch.nn.Module) else None
+        if not isinstance(model, PolicyAndValue):
+            model = _assemble(model, ref_model, None if self.reward_fn else reward_model, value_model, peft_config)
+        if self.reward_fn is None and model.reward is None and model.reward_head is None:
+            raise ValueError("PPOTrainer needs a reward: pass reward_model (a model or a function)")
+        self.tokenizer = processing_class
+        self.prompts = [self._encode(p) for p in train_dataset["prompt"]]
+        self.eval_prompts = [self._encode(p) for p in eval_dataset["prompt"]] if eval_dataset is not None else []
+        super().__init__(model=model, args=args, processing_class=processing_class, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, callbacks=callbacks)
+        self.kl_coef = args.kl_coef
+        self.moments = core.RunningMoments()
+        self.episode = 0
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, list):  # conversational: the chat template ends with the assistant's turn opener
+            return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return self.tokenizer(prompt)["input_ids"]
+
+    # -- rollout ---------------------------------------------------------------------------------------------------
+    def _generation_config(self) -> GenerationConfig:
+        a = self.args
+        return GenerationConfig(max_new_tokens=a.response_length, do_sample=True, temperature=a.temperature,
+                                top_k=a.top_k or None, top_p=a.top_p, eos_token_id=self.tokenizer.eos_token_id,
+                                pad_token_id=self.tokenizer.pad_token_id)
+
+    @torch.no_grad()
+    def _generate(self, queries: torch.Tensor, qmask: torch.Tensor, role: str) -> torch.Tensor:
+        from trl.models.utils import unwrap_model_for_generation
+
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        gather = self.args.ds3_gather_for_generation
+        chunk = self.args.local_rollout_forward_batch_size
+        outs = []
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator, gather_deepspeed3_params=gather) as unwrapped:
+            gen_model, ctx = unwrapped.generator(role)
+            with ctx:
+                for i in range(0, len(queries), chunk):
+                    seq = gen_model.generate(input_ids=queries[i:i + chunk], attention_mask=qmask[i:i + chunk],
+                                             generation_config=self._generation_config(),
+                                             synced_gpus=zero3 and not gather and self.accelerator.num_processes > 1)
+                    outs.append(seq[:, queries.shape[1]:])
+        width = max(o.shape[1] for o in outs)
+        pad = self.tokenizer.pad_token_id
+        return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad) for o in outs])
+
+    @torch.no_grad()
+    def rollout(self, queries: torch.Tensor, qmask: torch.Tensor, role: str = "policy") -> dict:
+        """Sample responses and compute everything PPO needs about them, at the sampling temperature."""
+        a, model, timing = self.args, self.model_wrapped, {}
+        t0 = time.perf_counter()
+        responses = self._generate(queries, qmask, role)
+        timing["timing/generate"] = time.perf_counter() - t0
+        mask, last, has_eos = core.response_mask(responses, self.tokenizer.eos_token_id)
+        responses = torch.where(mask.bool(), responses, self.tokenizer.pad_token_id)
+        full = torch.cat([queries, responses], 1)
+        attn = torch.cat([qmask, mask], 1)
+        pos = core.position_ids(attn)
+        Q = queries.shape[1]
+
+        t0 = time.perf_counter()
+        logprobs, ref_logprobs, values, token_scores = [], [], [], []
+        for i in range(0, len(full), a.local_rollout_forward_batch_size):
+            s = slice(i, i + a.local_rollout_forward_batch_size)
+            logits, vals = model(full[s], attn[s], pos[s], mode="train")
+            logprobs.append(core.logprobs_from_logits(logits[:, Q - 1:-1], responses[s], a.temperature))
+            values.append(vals[:, Q - 1:-1])
+            ref_logits = model(full[s], attn[s], pos[s], mode="ref")
+            ref_logprobs.append(core.logprobs_from_logits(ref_logits[:, Q - 1:-1], responses[s], a.temperature))
+            if self.reward_fn is None:
+                token_scores.append(model(full[s], attn[s], pos[s], mode="reward"))
+        if self.reward_fn is None:  # the score at the last real token of prompt + response (pitfall 4)
+            scores = torch.cat(token_scores)[torch.arange(len(full)), Q + last]
+        else:
+            prompts = self.tokenizer.batch_decode(queries, skip_special_tokens=True)
+            texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+            scores = torch.tensor(self.reward_fn(prompts, texts), dtype=torch.float32)
+        timing["timing/score"] = time.perf_counter() - t0
+        return {"queries": queries, "responses": responses, "full": full, "attn": attn, "pos": pos, "mask": mask,
+                "last": last, "has_eos": has_eos, "logprobs": torch.cat(logprobs) * mask, "scores": scores.float(),
+                "ref_logprobs": torch.cat(ref_logprobs) * mask, "values": torch.cat(values) * mask, "timing": timing}
+
+    def shape_scores(self, scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
+        """Missing-EOS penalty (on the response only: trl#6802), normalisation, clipping."""
+        a = self.args
+        if a.missing_eos_penalty is not None:
+            scores = scores - a.missing_eos_penalty * (~has_eos).float()
+        if a.normalize_scores:
+            self.moments.update(self.accelerator.gather(scores.to(self.accelerator.device)).cpu())
+            scores = (scores - self.moments.mean) / self.moments.std
+        if a.score_clip is not None:
+            scores = scores.clamp(-a.score_clip, a.score_clip)
+        return scores
+
+    # -- update ----------------------------------------------------------------------------------------------------
+    def ppo_update(self, r: dict, advantages: torch.Tensor, returns: torch.Tensor) -> tuple[dict, int]:
+        """num_ppo_epochs x num_mini_batches optimizer steps, each over gradient_accumulation_steps micro-batches.
+        Returns (mean stats, optimizer steps taken), counted explicitly (TRL 1.12 miscounted: PPO_NOTES #12)."""
+        a, p, acc, model = self.args, self.plan, self.accelerator, self.model_wrapped
+        Q = r["queries"].shape[1]
+        stats, steps = defaultdict(list), 0
+        model.train()
+        for _ in range(a.num_ppo_epochs):
+            order = torch.randperm(p.rollout_batch)
+            epoch_kl = []
+            for mb_start in range(0, p.rollout_batch, p.mini_batch):
+                for micro_start in range(mb_start, mb_start + p.mini_batch, p.micro_batch):
+                    idx = order[micro_start:micro_start + p.micro_batch]
+                    mask = r["mask"][idx]
+                    with acc.accumulate(model):
+                        logits, vpred = model(r["full"][idx], r["attn"][idx], r["pos"][idx], mode="train")
+                        logits = logits[:, Q - 1:-1]
+                        new_logprobs = core.logprobs_from_logits(logits, r["responses"][idx], a.temperature)
+                        pg_loss, pg = core.policy_loss(new_logprobs, r["logprobs"][idx], advantages[idx], mask, a.cliprange)
+                        vf_loss, vf_clipfrac = core.value_loss(vpred[:, Q - 1:-1], r["values"][idx], returns[idx], mask,
+                                                               a.cliprange_value)
+                        entropy = core.masked_mean(core.entropy_from_logits(logits, a.temperature), mask)
+                        loss = pg_loss + a.vf_coef * vf_loss - a.entropy_coef * entropy
+                        acc.backward(loss)
+                        if acc.sync_gradients and a.max_grad_norm:
+                            acc.clip_grad_norm_(model.parameters(), a.max_grad_norm)
+                        self.optimizer.step()
+                        if acc.sync_gradients:
+                            steps += 1
+                            if not acc.optimizer_step_was_skipped:
+                                self.lr_scheduler.step()
+                        self.optimizer.zero_grad()
+                    for k, v in {"policy/approxkl_avg": pg["approxkl"], "policy/clipfrac_avg": pg["clipfrac"],
+                                 "loss/policy_avg": pg_loss, "loss/value_avg": vf_loss, "val/clipfrac_avg": vf_clipfrac,
+                                 "policy/entropy_avg": entropy, "val/ratio": pg["ratio"], "val/ratio_var": pg["ratio_var"]
+                                 }.items():
+                        stats[k].append(v.item())
+                    epoch_kl.append(pg["approxkl"].item())
+            if a.early_stop_kl is not None and self._mean(sum(epoch_kl) / len(epoch_kl)) > a.early_stop_kl:
+                break
+        model.eval()
+        return {k: sum(v) / len(v) for k, v in stats.items()}, steps
+
+    def _mean(self, value: float) -> float:
+        return self.accelerator.reduce(torch.tensor(value, device=self.accelerator.device), reduction="mean").item()
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def _inner_training_loop(self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None,
+                             ignore_keys_for_eval=None):
+        a, acc = self.args, self.accelerator
+        self.plan = p = plan(a, acc.num_processes, len(self.prompts))
+        self.state = TrainerState(stateful_callbacks=[cb for cb in self.callback_handler.callbacks + [self.control]
+                                                      if isinstance(cb, ExportableState)])
+        self.state.max_steps, self.state.logging_steps, self.state.save_steps = p.num_updates, a.logging_steps, a.save_steps
+        self.state.train_batch_size = p.global_rollout_batch
+        self.state.is_local_process_zero, self.state.is_world_process_zero = self.is_local_process_zero(), self.is_world_process_zero()
+        model, _ = self._prepare_for_training(p.total_optimizer_steps, None, resume_from_checkpoint)
+        model.eval()  # dropout is off anyway; eval() also keeps any remaining stochastic layers deterministic
+        if resume_from_checkpoint:
+            self._resume(resume_from_checkpoint)
+        if self.is_world_process_zero():
+            print("hfalign ppo plan: " + ", ".join(f"{k}={v}" for k, v in vars(p).items()), flush=True)
+        self.control = self.callback_handler.on_train_begin(a, self.state, self.control)
+        batches = prompt_batches(len(self.prompts), p.rollout_batch, acc.process_index, acc.num_processes, a.seed)
+        for _ in range(self.state.global_step):  # a resumed run continues with the prompts it had not seen
+            next(batches)
+        start, history = time.perf_counter(), defaultdict(list)
+        while self.state.global_step < p.num_updates:
+            self.control = self.callback_handler.on_step_begin(a, self.state, self.control)
+            metrics = self._one_update(next(batches))
+            for k, v in metrics.items():
+                history[k].append(v)
+            self.state.global_step += 1
+            self.state.epoch = self.episode / max(1, len(self.prompts))
+            metrics.update({"eps": self.episode / (time.perf_counter() - start), "episode": self.episode,
+                            "lr": self.lr_scheduler.get_last_lr()[0]})
+            self.control = self.callback_handler.on_step_end(a, self.state, self.control)
+            if self.control.should_log:
+                self.log(metrics)
+            if self.control.should_save:
+                self._save_checkpoint(self.model, trial=None)
+                self.control = self.callback_handler.on_save(a, self.state, self.control)
+            if self.control.should_training_stop:
+                break
+        self.control = self.callback_handler.on_train_end(a, self.state, self.control)
+        summary = {k: sum(v) / len(v) for k, v in history.items()}
+        return TrainOutput(self.state.global_step, summary.get("loss/policy_avg", 0.0), summary)
+
+    def _one_update(self, indices: list[int]) -> dict:
+        a, acc = self.args, self.accelerator
+        queries, qmask = left_pad([self.prompts[i] for i in indices], self.tokenizer.pad_token_id)
+        r = self.rollout(queries.to(acc.device), qmask.to(acc.device))
+        scores = self.shape_scores(r["scores"], r["has_eos"])
+        kl = core.kl_penalty(r["logprobs"], r["ref_logprobs"], a.kl_estimator) * r["mask"]
+        rewards, non_score = core.token_rewards(scores, kl, self.kl_coef, r["last"], r["mask"])
+        if a.whiten_rewards:
+            rewards = core.masked_whiten(rewards, r["mask"], shift_mean=False)
+        advantages, returns = core.gae(rewards, r["values"], r["mask"], a.gamma, a.lam)
+        if a.whiten_advantages:
+            advantages = core.masked_whiten(advantages, r["mask"])
+        t0 = time.perf_counter()
+        stats, steps = self.ppo_update(r, advantages, returns)
+        seq_kl = kl.sum(1).mean().item()
+        metrics = {
+            "objective/kl": seq_kl, "objective/kl_coef": self.kl_coef,
+            "objective/entropy": (-r["logprobs"]).sum(1).mean().item(),
+            "objective/non_score_reward": non_score.sum(1).mean().item(),
+            "objective/rlhf_reward": (scores + non_score.sum(1)).mean().item(),
+            "objective/scores": r["scores"].mean().item(),
+            **stats,
+            "val/num_eos_tokens": r["has_eos"].float().sum().item(),
+            "val/truncated_frac": (~r["has_eos"]).float().mean().item(),
+            "val/response_length": r["mask"].sum(1).float().mean().item(),
+            "val/explained_variance": core.explained_variance(r["values"], returns, r["mask"]).item(),
+            "train/optimizer_steps": steps,
+            **r["timing"], "timing/update": time.perf_counter() - t0,
+        }
+        metrics = {k: self._mean(v) for k, v in metrics.items()}
+        metrics["val/num_eos_tokens"] *= acc.num_processes  # a count, summed over processes
+        self.episode += self.plan.global_rollout_batch
+        if a.adaptive_kl:
+            self.kl_coef = core.adaptive_kl_coef(self.kl_coef, metrics["objective/kl"], a.target_kl, a.kl_horizon,
+                                                 self.plan.global_rollout_batch)
+        self._notify_rollout(r, scores)
+        return metrics
+
+    def _notify_rollout(self, r: dict, scores: torch.Tensor) -> None:
+        """Callbacks with an `on_rollout` method (the sample table) see this update's prompts, completions, scores."""
+        listeners = [cb for cb in self.callback_handler.callbacks if hasattr(cb, "on_rollout")]
+        if not listeners:
+            return
+        samples = {"prompt": self.tokenizer.batch_decode(r["queries"], skip_special_tokens=True),
+                   "completion": self.tokenizer.batch_decode(r["responses"], skip_special_tokens=True),
+                   "score": scores.tolist()}
+        for cb in listeners:
+            cb.on_rollout(self.args, self.state, self.control, samples=samples)
+
+    # -- checkpoints and saving ------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", PPO_STATE)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"kl_coef": self.kl_coef, "episode": self.episode, "moments": self.moments.state()}, f)
+
+    def _resume(self, checkpoint: str) -> None:
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        with open(os.path.join(checkpoint, PPO_STATE), encoding="utf-8") as f:
+            saved = json.load(f)
+        self.kl_coef, self.episode = saved["kl_coef"], saved["episode"]
+        self.moments = core.RunningMoments(**saved["moments"])
+        self._load_rng_state(checkpoint)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Non-DeepSpeed resume: the trainable weights (policy and value) of the wrapper."""
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(resume_from_checkpoint, TRAINABLE))
+        missing = set(state) - set(self.model.state_dict())
+        if missing:
+            raise ValueError(f"checkpoint {resume_from_checkpoint} does not fit this model: {sorted(missing)[:3]}")
+        self.model.load_state_dict(state, strict=False)
+
+    def _save(self, output_dir=None, state_dict=None):
+        """Policy (model or adapter) + tokenizer at output_dir, the value model at output_dir/value."""
+        from hfalign.ppo.saving import save_parts
+
+        output_dir = output_dir or self.args.output_dir
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        if not self.args.should_save:
+            return
+        save_parts(self.model, state_dict, output_dir, self.tokenizer,
+                   checkpoint=os.path.basename(os.path.normpath(output_dir)).startswith("checkpoint-"))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    # -- summary ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, role: str, num_prompts: int) -> dict:
+        """Completions of the held-out prompts from the policy or the reference, with scores and KL to the reference."""
+        prompts = self.eval_prompts[:num_prompts] or self.prompts[:num_prompts]
+        torch.manual_seed(self.args.seed)
+        out = {"completion": [], "score": [], "kl": [], "has_eos": []}
+        for i in range(0, len(prompts), self.args.local_rollout_forward_batch_size):
+            q, m = left_pad(prompts[i:i + self.args.local_rollout_forward_batch_size], self.tokenizer.pad_token_id)
+            r = self.rollout(q.to(self.accelerator.device), m.to(self.accelerator.device), role=role)
+            out["completion"] += self.tokenizer.batch_decode(r["responses"], skip_special_tokens=True)
+            out["score"] += r["scores"].tolist()
+            out["kl"] += (r["logprobs"] - r["ref_logprobs"]).sum(1).tolist()
+            out["has_eos"] += r["has_eos"].tolist()
+        return out
+
+
+def _assemble(policy, ref_model, reward_model, value_model, peft_config) -> PolicyAndValue:
+    """TRL-style arguments -> PolicyAndValue. With peft_config the reference is the base with the adapter off."""
+    import copy
+
+    from hfalign.ppo.models import disable_dropout, freeze, linear_head
+
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, peft_config)
+        stacks = {"policy": ["default"], "ref": None}
+        wrapper = PolicyAndValue(policy, critic=value_model, reward=freeze(reward_model) if reward_model else None,
+                                 stacks=stacks)
+        if value_model is None:
+            policy.add_adapter("value", copy.deepcopy(peft_config))
+            stacks["value"] = ["value"]
+            wrapper.value_head = linear_head(policy.config.get_text_config().hidden_size)
+            policy.base_model.set_adapter(["default"])
+            for name, prm in policy.named_parameters():
+                prm.requires_grad_(".default." in name or ".value." in name)
+    else:
+        ref = freeze(ref_model if ref_model is not None else copy.deepcopy(policy))
+        if value_model is None:
+            raise ValueError("full fine-tuning needs value_model (e.g. the reward model's architecture with num_labels=1)")
+        wrapper = PolicyAndValue(policy, critic=value_model, ref=ref, reward=freeze(reward_model) if reward_model else None)
+    disable_dropout(wrapper)
+    wrapper.remember_trainable()
+    return wrapper
+
