@@ -79,3 +79,45 @@ def run(cmd: list[str], timeout: int = 900, env: dict | None = None, check: bool
 
 PYTHON = sys.executable
 ACCELERATE = [PYTHON, "-m", "accelerate.commands.launch"]
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, tiny_model) -> dict:
+    """The embedded default's SFT and RM, trained once per session with the shipped recipes (about 25 s)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    sft, rm = root / "sft", root / "rm"
+    for recipe, out, model in (("recipes/sft.yaml", sft, tiny_model), ("recipes/rm.yaml", rm, sft)):
+        code, _, err = _cli_in_root("train", recipe, f"output_dir={out}", f"model.name_or_path={model}")
+        assert code == 0, err[-3000:]
+    return {"root": root, "sft": sft, "rm": rm, "base": tiny_model}
+
+
+@pytest.fixture(scope="session")
+def lora_pipeline(tmp_path_factory, tiny_model) -> dict:
+    """A LoRA SFT adapter and a LoRA reward adapter trained on top of it (same base): the shared-base inputs."""
+    root = tmp_path_factory.mktemp("lora_pipeline")
+    sft, rm = root / "sft", root / "rm"
+    code, _, err = _cli_in_root("train", "recipes/sft.yaml", f"output_dir={sft}", f"model.name_or_path={tiny_model}",
+                                "lora.enabled=true", "lora.r=8", "train.learning_rate=1e-2", "train.num_train_epochs=1",
+                                "data.max_rows=512")
+    assert code == 0, err[-3000:]
+    code, _, err = _cli_in_root("train", "recipes/rm.yaml", f"output_dir={rm}", f"model.name_or_path={tiny_model}",
+                                f"model.adapter={sft}", "lora.enabled=true", "lora.r=8", "train.learning_rate=1e-2",
+                                "train.num_train_epochs=1", "data.max_rows=512")
+    assert code == 0, err[-3000:]
+    return {"root": root, "sft": sft, "rm": rm, "base": tiny_model}
+
+
+def _cli_in_root(*args):
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        return cli(*args)
+    finally:
+        os.chdir(cwd)
+
+
+def ppo_args(pipeline: dict, out, *extra: str) -> list[str]:
+    """Overrides that point recipes/ppo.yaml at a test pipeline, with a small budget."""
+    return [f"output_dir={out}", f"model.name_or_path={pipeline['sft']}", f"reward.model={pipeline['rm']}",
+            "train.total_episodes=128", "train.num_eval_prompts=8", *extra]

@@ -10,6 +10,7 @@ the value model (TRL 1.12 lost it: trl#3293), optimizer, scheduler, RNG, KL coef
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -152,44 +153,50 @@ class PPOTrainer(Trainer):
         """num_ppo_epochs x num_mini_batches optimizer steps, each over gradient_accumulation_steps micro-batches.
         Returns (mean stats, optimizer steps taken), counted explicitly (TRL 1.12 miscounted: PPO_NOTES #12)."""
         a, p, acc, model = self.args, self.plan, self.accelerator, self.model_wrapped
-        Q = r["queries"].shape[1]
         stats, steps = defaultdict(list), 0
         model.train()
         for _ in range(a.num_ppo_epochs):
             order = torch.randperm(p.rollout_batch)
             epoch_kl = []
             for mb_start in range(0, p.rollout_batch, p.mini_batch):
-                for micro_start in range(mb_start, mb_start + p.mini_batch, p.micro_batch):
-                    idx = order[micro_start:micro_start + p.micro_batch]
-                    mask = r["mask"][idx]
-                    with acc.accumulate(model):
-                        logits, vpred = model(r["full"][idx], r["attn"][idx], r["pos"][idx], mode="train")
-                        logits = logits[:, Q - 1:-1]
-                        new_logprobs = core.logprobs_from_logits(logits, r["responses"][idx], a.temperature)
-                        pg_loss, pg = core.policy_loss(new_logprobs, r["logprobs"][idx], advantages[idx], mask, a.cliprange)
-                        vf_loss, vf_clipfrac = core.value_loss(vpred[:, Q - 1:-1], r["values"][idx], returns[idx], mask,
-                                                               a.cliprange_value)
-                        entropy = core.masked_mean(core.entropy_from_logits(logits, a.temperature), mask)
-                        loss = pg_loss + a.vf_coef * vf_loss - a.entropy_coef * entropy
-                        acc.backward(loss)
-                        if acc.sync_gradients and a.max_grad_norm:
-                            acc.clip_grad_norm_(model.parameters(), a.max_grad_norm)
-                        self.optimizer.step()
-                        if acc.sync_gradients:
-                            steps += 1
-                            if not acc.optimizer_step_was_skipped:
-                                self.lr_scheduler.step()
-                        self.optimizer.zero_grad()
-                    for k, v in {"policy/approxkl_avg": pg["approxkl"], "policy/clipfrac_avg": pg["clipfrac"],
-                                 "loss/policy_avg": pg_loss, "loss/value_avg": vf_loss, "val/clipfrac_avg": vf_clipfrac,
-                                 "policy/entropy_avg": entropy, "val/ratio": pg["ratio"], "val/ratio_var": pg["ratio_var"]
-                                 }.items():
-                        stats[k].append(v.item())
-                    epoch_kl.append(pg["approxkl"].item())
+                micro_starts = range(mb_start, mb_start + p.mini_batch, p.micro_batch)
+                for j, micro_start in enumerate(micro_starts):
+                    # Accumulate like Trainer does (accelerate runs with GAS=1): sync on the last micro-batch only.
+                    sync = j == len(micro_starts) - 1
+                    acc.gradient_state._set_sync_gradients(sync)
+                    no_sync = not sync and not self.is_deepspeed_enabled
+                    with acc.no_sync(model) if no_sync else contextlib.nullcontext():
+                        stat = self._micro_step(model, r, order[micro_start:micro_start + p.micro_batch], advantages, returns)
+                    for k, v in stat.items():
+                        stats[k].append(v)
+                    epoch_kl.append(stat["policy/approxkl_avg"])
+                if a.max_grad_norm:
+                    acc.clip_grad_norm_(model.parameters(), a.max_grad_norm)
+                self.optimizer.step()
+                if not acc.optimizer_step_was_skipped:
+                    self.lr_scheduler.step()
+                self.optimizer.zero_grad()
+                steps += 1
             if a.early_stop_kl is not None and self._mean(sum(epoch_kl) / len(epoch_kl)) > a.early_stop_kl:
                 break
         model.eval()
         return {k: sum(v) / len(v) for k, v in stats.items()}, steps
+
+    def _micro_step(self, model, r: dict, idx: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
+        """Forward and backward of one micro-batch; the loss is divided by the accumulation steps."""
+        a, Q, mask = self.args, r["queries"].shape[1], r["mask"][idx]
+        logits, vpred = model(r["full"][idx], r["attn"][idx], r["pos"][idx], mode="train")
+        logits = logits[:, Q - 1:-1]
+        new_logprobs = core.logprobs_from_logits(logits, r["responses"][idx], a.temperature)
+        pg_loss, pg = core.policy_loss(new_logprobs, r["logprobs"][idx], advantages[idx], mask, a.cliprange)
+        vf_loss, vf_clipfrac = core.value_loss(vpred[:, Q - 1:-1], r["values"][idx], returns[idx], mask, a.cliprange_value)
+        entropy = core.masked_mean(core.entropy_from_logits(logits, a.temperature), mask)
+        loss = pg_loss + a.vf_coef * vf_loss - a.entropy_coef * entropy
+        kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}  # we scale; DeepSpeed must not again
+        self.accelerator.backward(loss / a.gradient_accumulation_steps, **kwargs)
+        return {"policy/approxkl_avg": pg["approxkl"].item(), "policy/clipfrac_avg": pg["clipfrac"].item(),
+                "loss/policy_avg": pg_loss.item(), "loss/value_avg": vf_loss.item(), "val/clipfrac_avg": vf_clipfrac.item(),
+                "policy/entropy_avg": entropy.item(), "val/ratio": pg["ratio"].item(), "val/ratio_var": pg["ratio_var"].item()}
 
     def _mean(self, value: float) -> float:
         return self.accelerator.reduce(torch.tensor(value, device=self.accelerator.device), reduction="mean").item()

@@ -1,0 +1,204 @@
+"""hfalign's PPOTrainer on tiny models: the pitfalls of PPO_NOTES.md, one test each, and the stage end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, _cli_in_root, ppo_args
+from safetensors.torch import load_file
+
+from hfalign import models, recipe
+from hfalign.ppo import core
+from hfalign.ppo.build import build
+from hfalign.ppo.config import PPOConfig
+from hfalign.ppo.trainer import PPOTrainer, left_pad
+
+ISSUE_KEYS = ["objective/kl", "objective/kl_coef", "objective/entropy", "objective/scores", "objective/rlhf_reward",
+              "objective/non_score_reward", "policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg",
+              "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens",
+              "val/explained_variance", "val/response_length", "timing/generate", "timing/score", "timing/update", "eps",
+              "episode", "lr"]
+
+
+def api_trainer(pipeline, tmp_path, **overrides) -> PPOTrainer:
+    """The TRL-style API: PPOTrainer(args, processing_class, model, ref_model, reward_model, value_model, ...)."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(pipeline["sft"], padding_side="left")
+    prompts = [json.loads(ln) for ln in (ROOT / "data/ppo_prompts.jsonl").read_text().splitlines()][:64]
+    kw = dict(output_dir=str(tmp_path / "api"), per_device_train_batch_size=8, num_mini_batches=2, num_ppo_epochs=2,
+              total_episodes=32, response_length=16, temperature=1.0, report_to="none", save_strategy="no", seed=0,
+              learning_rate=1e-3, local_rollout_forward_batch_size=16)
+    kw.update(overrides)
+    return PPOTrainer(args=PPOConfig(**kw), processing_class=tok,
+                      model=AutoModelForCausalLM.from_pretrained(pipeline["sft"]),
+                      reward_model=AutoModelForSequenceClassification.from_pretrained(pipeline["rm"]),
+                      value_model=AutoModelForSequenceClassification.from_pretrained(pipeline["rm"]),
+                      train_dataset=datasets.Dataset.from_list(prompts))
+
+
+def logged(trainer) -> list[dict]:
+    return [h for h in trainer.state.log_history if "objective/kl" in h]
+
+
+def test_lr_zero_gives_ratio_exactly_one(pipeline, tmp_path):
+    """Pitfall 1: same weights, same tokens -> ratio 1, approx-KL 0, clipfrac 0 (dropout off, same forward)."""
+    trainer = api_trainer(pipeline, tmp_path, learning_rate=0.0, total_episodes=16, per_device_train_batch_size=8,
+                          num_mini_batches=2)
+    trainer.train()
+    (log,) = logged(trainer)
+    assert log["val/ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert log["policy/approxkl_avg"] < 1e-10
+    assert log["policy/clipfrac_avg"] == 0.0
+    assert log["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference
+
+
+def test_left_padding_does_not_change_logprobs_values_or_rewards(pipeline, tmp_path):
+    """Pitfalls 3 and 4: position ids from the mask; the score read at the last real token."""
+    trainer = api_trainer(pipeline, tmp_path)
+    wrapper, tok = trainer.model, trainer.tokenizer
+    seq = tok("Write a review of the red door. the plot was great.")["input_ids"] + [tok.eos_token_id]
+    outs = []
+    for pad in (0, 7):
+        ids, mask = left_pad([seq, [5] * (len(seq) + pad)], tok.pad_token_id)  # a longer neighbour forces padding
+        ids, mask = ids[:1], mask[:1]
+        pos = core.position_ids(mask)
+        with torch.no_grad():
+            logits, values = wrapper(ids, mask, pos, mode="train")
+            scores = wrapper(ids, mask, pos, mode="reward")
+        n = len(seq)
+        outs.append((core.logprobs_from_logits(logits[:, -n:-1], ids[:, -n + 1:]), values[:, -n:], scores[:, -1]))
+    (lp0, v0, s0), (lp1, v1, s1) = outs
+    assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(v0, v1, atol=1e-5) and torch.allclose(s0, s1, atol=1e-5)
+
+
+def test_rollout_reward_on_eos_and_masks_after_the_end(pipeline, tmp_path):
+    trainer = api_trainer(pipeline, tmp_path)
+    trainer.train()  # prepares the model; then look at one more rollout directly
+    q, m = left_pad(trainer.prompts[:8], trainer.tokenizer.pad_token_id)
+    r = trainer.rollout(q, m)
+    eos = trainer.tokenizer.eos_token_id
+    for i in range(8):
+        last = r["last"][i].item()
+        if r["has_eos"][i]:
+            assert r["responses"][i, last].item() == eos
+        assert (r["mask"][i, last + 1:] == 0).all() and (r["responses"][i, last + 1:] == trainer.tokenizer.pad_token_id).all()
+        for key in ("logprobs", "ref_logprobs", "values"):
+            assert (r[key][i, last + 1:] == 0).all(), key
+    kl = core.kl_penalty(r["logprobs"], r["ref_logprobs"]) * r["mask"]
+    rewards, _ = core.token_rewards(r["scores"], kl, 0.05, r["last"], r["mask"])
+    adv, ret = core.gae(rewards, r["values"], r["mask"], 1.0, 0.95)
+    assert ((rewards != 0) <= r["mask"].bool()).all() and ((adv != 0) <= r["mask"].bool()).all()
+
+
+def test_optimizer_steps_counted_with_minibatches_and_accumulation(pipeline, tmp_path):
+    """Pitfall 12: 2 epochs x 2 minibatches = 4 optimizer steps per update, with 2 accumulation steps each."""
+    trainer = api_trainer(pipeline, tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                          num_mini_batches=2, num_ppo_epochs=2, total_episodes=32)
+    assert trainer.train().global_step == 2  # 32 episodes / rollout batch 16
+    assert [log["train/optimizer_steps"] for log in logged(trainer)] == [4, 4]
+    adam_steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
+    assert adam_steps == {8}
+
+
+def test_function_reward(pipeline, tmp_path):
+    from hfalign.task import objective
+
+    out = tmp_path / "fn"
+    code, _, err = _cli_in_root("train", "recipes/ppo.yaml", *ppo_args(pipeline, out, "reward.model=null",
+                                "reward.function=hfalign.task:positivity_reward", "train.total_episodes=64",
+                                "train.missing_eos_penalty=null"))
+    assert code == 0, err[-3000:]
+    rows = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
+    assert rows and all(r["score"] == pytest.approx(objective(r["completion"]), abs=1e-6) for r in rows)
+    critic = load_file(str(out / "value" / "model.safetensors"))  # no RM to start from: critic = SFT + new head
+    assert "score.weight" in critic
+
+
+def test_ppo_stage_end_to_end(pipeline, tmp_path):
+    """The recipe stage: every metric key, entropy >= 0, weights change, output loads, EOS survives saving."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    out = tmp_path / "ppo"
+    code, stdout, err = _cli_in_root("train", "recipes/ppo.yaml", *ppo_args(pipeline, out))
+    assert code == 0, err[-3000:]
+    logs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    updates = [r for r in logs if "objective/kl" in r]
+    assert len(updates) == 2  # 128 episodes / 64 per update
+    for key in ISSUE_KEYS:
+        assert all(key in r for r in updates), key
+    assert all(r["objective/entropy"] >= 0 for r in updates)
+    sft, ppo = load_file(str(pipeline["sft"] / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(not torch.equal(sft[k], ppo[k]) for k in sft if "layers" in k), "some policy weights did not change"
+    rm, value = load_file(str(pipeline["rm"] / "model.safetensors")), load_file(str(out / "value/model.safetensors"))
+    assert not torch.equal(rm["score.weight"], value["score.weight"])
+    policy = AutoModelForCausalLM.from_pretrained(out)
+    assert policy.generation_config.eos_token_id == 2 and policy.generation_config.pad_token_id == 0
+    AutoModelForSequenceClassification.from_pretrained(out / "value")
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"score", "kl", "objective", "well_formed", "eos_rate"} <= set(summary["after (policy)"])
+    assert "hfalign ppo summary" in stdout
+
+
+def shared_recipe(lora_pipeline, tmp_path, *extra):
+    return recipe.load(ROOT / "recipes/ppo.yaml", [f"output_dir={tmp_path / 'lora'}",
+                       f"model.name_or_path={lora_pipeline['base']}", f"model.adapter={lora_pipeline['sft']}",
+                       f"reward.model={lora_pipeline['rm']}", "lora.enabled=true", "lora.r=8", *extra])
+
+
+def base_numel(module) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if "lora_" not in n and "head" not in n and "score" not in n)
+
+
+def test_lora_shared_base_holds_one_copy(lora_pipeline, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(ROOT)
+    r = shared_recipe(lora_pipeline, tmp_path)
+    tok = models.load_tokenizer(r.model)
+    wrapper = build(r, tok)
+    one = base_numel(AutoModelForCausalLM.from_pretrained(lora_pipeline["base"]))
+    assert base_numel(wrapper) == one
+    assert set(wrapper.policy.peft_config) == {"default", "ref", "reward", "value"}
+    assert wrapper.stacks["reward"] == ["ref", "reward"]  # the RM adapter was trained on the SFT-merged base
+    trainable = {n for n, p in wrapper.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n or ".value." in n or n.startswith("value_head") for n in trainable)
+
+    # the reference is the SFT model (base + SFT adapter), not the raw base (pitfall 14)
+    from peft import PeftModel
+
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lora_pipeline["base"]), lora_pipeline["sft"])
+    ids = torch.tensor([tok("Write a review of the red door. the plot was great.")["input_ids"]])
+    mask, pos = torch.ones_like(ids), core.position_ids(torch.ones_like(ids))
+    with torch.no_grad():
+        assert torch.allclose(wrapper(ids, mask, pos, mode="ref"), sft(input_ids=ids).logits, atol=1e-5)
+        # and the adapter stack scores exactly as the merged reward model
+        from hfalign.ppo.build import _seq_classifier
+
+        rm = _seq_classifier(r, tok, str(lora_pipeline["rm"]))
+        expected = rm(input_ids=ids).logits.squeeze()
+        assert wrapper(ids, mask, pos, mode="reward")[0, -1].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_lora_shared_base_trains_and_saves_adapters(lora_pipeline, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora_run"
+    code, _, err = _cli_in_root("train", "recipes/ppo.yaml", f"output_dir={out}",
+                                f"model.name_or_path={lora_pipeline['base']}", f"model.adapter={lora_pipeline['sft']}",
+                                f"reward.model={lora_pipeline['rm']}", "lora.enabled=true", "lora.r=8",
+                                "train.total_episodes=128", "train.num_eval_prompts=8", "train.learning_rate=1e-2")
+    assert code == 0, err[-3000:]
+    before = load_file(str(lora_pipeline["sft"] / "adapter_model.safetensors"))
+    after = load_file(str(out / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "policy adapter did not change"
+    assert all(v.numel() > 0 for v in after.values())
+    value = load_file(str(out / "value" / "adapter_model.safetensors"))
+    assert value and (out / "value" / "value_head.safetensors").exists()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lora_pipeline["base"]), out)

@@ -1,0 +1,118 @@
+"""PPO math as pure functions, each against numbers computed by hand (in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hfalign.ppo import core
+
+T = torch.tensor
+
+
+def test_kl_estimators():
+    logp, ref = T([[-1.0, -2.0]]), T([[-1.5, -1.0]])
+    assert torch.allclose(core.kl_penalty(logp, ref, "k1"), T([[0.5, -1.0]]))
+    # k3 = (e^{-lr} - 1) + lr: lr=0.5 -> 0.60653 - 1 + 0.5 = 0.10653; lr=-1 -> 2.71828 - 1 - 1 = 0.71828
+    assert torch.allclose(core.kl_penalty(logp, ref, "k3"), T([[0.106531, 0.718282]]), atol=1e-5)
+    assert (core.kl_penalty(torch.randn(4, 5), torch.randn(4, 5), "k3") >= 0).all()
+    with pytest.raises(ValueError):
+        core.kl_penalty(logp, ref, "k2")
+
+
+def test_reward_lands_on_the_eos_token_and_nothing_after():
+    # responses: [5, EOS, PAD, PAD] and a truncated [5, 6, 7, 8]
+    responses = T([[5, 2, 0, 0], [5, 6, 7, 8]])
+    mask, last, has_eos = core.response_mask(responses, eos_id=2)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert last.tolist() == [1, 3] and has_eos.tolist() == [True, False]
+    kl = T([[0.5, -1.0, 9.0, 9.0], [0.0, 0.0, 0.0, 1.0]]) * mask
+    rewards, non_score = core.token_rewards(T([2.0, -1.0]), kl, 0.1, last, mask)
+    # row 0: -0.1*[0.5, -1] = [-0.05, 0.1], + score 2 on the EOS (index 1, not the pad at index 2: trl#3750)
+    assert torch.allclose(rewards, T([[-0.05, 2.1, 0.0, 0.0], [0.0, 0.0, 0.0, -1.1]]))
+    assert torch.allclose(non_score, T([[-0.05, 0.1, 0.0, 0.0], [0.0, 0.0, 0.0, -0.1]]))
+
+
+def test_gae_by_hand():
+    # gamma=1, lam=0.5; t=1: delta = 1 + 0 - 0.2 = 0.8 -> A1 = 0.8; t=0: delta = 0 + 0.2 - 0.5 = -0.3 -> A0 = -0.3 + 0.5*0.8 = 0.1
+    adv, ret = core.gae(T([[0.0, 1.0]]), T([[0.5, 0.2]]), T([[1, 1]]), gamma=1.0, lam=0.5)
+    assert torch.allclose(adv, T([[0.1, 0.8]])) and torch.allclose(ret, T([[0.6, 1.0]]))
+    # gamma=0.9, lam=1: t=1: delta = 1 - 0.2 = 0.8; t=0: delta = 0 + 0.9*0.2 - 0.5 = -0.32 -> A0 = -0.32 + 0.9*0.8 = 0.4
+    adv, _ = core.gae(T([[0.0, 1.0]]), T([[0.5, 0.2]]), T([[1, 1]]), gamma=0.9, lam=1.0)
+    assert torch.allclose(adv, T([[0.4, 0.8]]))
+
+
+def test_gae_ignores_everything_after_the_end():
+    # the garbage reward 5 and value 9 after the end must not leak into A0 = 1 - 0.5 = 0.5
+    adv, ret = core.gae(T([[1.0, 5.0]]), T([[0.5, 9.0]]), T([[1, 0]]), gamma=1.0, lam=0.95)
+    assert adv.tolist() == [[0.5, 0.0]] and ret.tolist() == [[1.0, 0.0]]
+
+
+def test_policy_loss_by_hand():
+    old = T([[0.0, 0.0]])
+    new = T([[math.log(1.5), math.log(0.5)]])  # ratios 1.5, 0.5
+    loss, s = core.policy_loss(new, old, T([[1.0, 1.0]]), T([[1, 1]]), cliprange=0.2)
+    # -A*r = [-1.5, -0.5]; -A*clip(r) = [-1.2, -0.8]; max = [-1.2, -0.5] -> mean -0.85; clipped where 2nd > 1st: [yes, no]
+    assert loss.item() == pytest.approx(-0.85)
+    assert s["clipfrac"].item() == pytest.approx(0.5)
+    assert s["approxkl"].item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 2)
+    assert s["ratio"].item() == pytest.approx(1.0)
+    assert s["ratio_var"].item() == pytest.approx(0.25)
+
+
+def test_ratio_one_when_nothing_changed():
+    logp = torch.randn(3, 4)
+    loss, s = core.policy_loss(logp, logp.clone(), torch.randn(3, 4), torch.ones(3, 4), 0.2)
+    assert s["ratio"].item() == 1.0 and s["approxkl"].item() == 0.0 and s["clipfrac"].item() == 0.0
+
+
+def test_value_loss_by_hand():
+    # clipped = 0.5 + clamp(0.5, +-0.2) = 0.7; (1-2)^2 = 1, (0.7-2)^2 = 1.69 -> max 1.69; second token: 1, 1 -> 1
+    loss, clipfrac = core.value_loss(T([[1.0, 0.0]]), T([[0.5, 0.0]]), T([[2.0, 1.0]]), T([[1, 1]]), 0.2)
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2)
+    assert clipfrac.item() == pytest.approx(0.5)
+
+
+def test_masked_whiten_and_mean():
+    x, mask = T([[1.0, 2.0, 3.0, 100.0]]), T([[1, 1, 1, 0]])
+    assert core.masked_mean(x, mask).item() == pytest.approx(2.0)
+    # mean 2, unbiased var 1 -> [-1, 0, 1], the masked 100 ignored and zeroed
+    assert torch.allclose(core.masked_whiten(x, mask), T([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4)
+    assert torch.allclose(core.masked_whiten(x, mask, shift_mean=False), T([[1.0, 2.0, 3.0, 0.0]]), atol=1e-4)
+
+
+def test_explained_variance():
+    ret, mask = T([[1.0, 2.0, 3.0]]), T([[1, 1, 1]])
+    assert core.explained_variance(ret, ret, mask).item() == pytest.approx(1.0)
+    assert core.explained_variance(torch.full_like(ret, 2.0), ret, mask).item() == pytest.approx(0.0)
+
+
+def test_adaptive_kl_coef():
+    # error = clip(12/6 - 1, +-0.2) = 0.2; 0.1 * (1 + 0.2 * 64 / 10000) = 0.100128
+    assert core.adaptive_kl_coef(0.1, 12.0, 6.0, 10000, 64) == pytest.approx(0.100128)
+    # error = clip(3/6 - 1) = -0.2 (clipped from -0.5)
+    assert core.adaptive_kl_coef(0.1, 3.0, 6.0, 10000, 64) == pytest.approx(0.1 * (1 - 0.2 * 64 / 10000))
+
+
+def test_position_ids_skip_left_padding():
+    assert core.position_ids(T([[0, 0, 1, 1], [1, 1, 1, 1]])).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+
+
+def test_logprobs_use_the_temperature_and_entropy_is_non_negative():
+    logits = T([[[2.0, 0.0]]])
+    # at T=2: softmax([1, 0]) -> log p(0) = 1 - log(e + 1) = -0.31326
+    assert core.logprobs_from_logits(logits, T([[0]]), temperature=2.0).item() == pytest.approx(-0.313262, abs=1e-5)
+    assert core.logprobs_from_logits(logits, T([[0]]), temperature=1.0).item() == pytest.approx(-0.126928, abs=1e-5)
+    assert (core.entropy_from_logits(torch.randn(2, 3, 50) * 5) >= 0).all()
+    # uniform over 2 -> ln 2
+    assert core.entropy_from_logits(T([[[0.0, 0.0]]])).item() == pytest.approx(math.log(2))
+
+
+def test_running_moments_match_batch_statistics():
+    m, xs = core.RunningMoments(), torch.randn(100) * 3 + 1
+    m.update(xs[:30])
+    m.update(xs[30:])
+    assert m.mean == pytest.approx(xs.mean().item(), abs=1e-6)
+    assert m.std == pytest.approx(xs.std(unbiased=False).item(), rel=1e-4)
