@@ -45,14 +45,28 @@ def validate(path: str, overrides: list[str]):
     r = recipe.load(path, overrides)
     try:
         models.check_model(r.model)
-        data.check(r.data, r.stage)
+        rows = data.check(r.data, r.stage)
         callbacks.check(r)
+        if r.stage == "ppo" and rows is not None:
+            _check_ppo_plan(r, rows)
     except UserError as e:
         if e.where is None:
             e.where = path
             e.args = (e.format(),)
         raise
     return r
+
+
+def _check_ppo_plan(r, rows: int) -> None:
+    """PPO's batch arithmetic against the prompts and the process count this launch has."""
+    from hfalign.ppo.config import plan, plan_problem
+    from hfalign.recipe import build_train_args
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    problem = plan_problem(plan(build_train_args(r, probe=True), world, rows), rows)
+    if problem:
+        raise UserError(f"PPO batch does not fit the data: {problem}.",
+                        fix="lower train.per_device_train_batch_size or train.num_mini_batches, or add prompts")
 
 
 def _run(argv: list[str]) -> int:

@@ -167,8 +167,12 @@ def load(section: DataSection, stage: str):
     return train, None
 
 
-def check(section: DataSection, stage: str) -> None:
-    """Row-level checks of local files, for `hfalign validate` (hub sets are checked when loaded)."""
-    for source, split in ((section.train, section.split), (section.eval, section.eval_split)):
+def check(section: DataSection, stage: str) -> int | None:
+    """Row-level checks of local files, for `hfalign validate` (hub sets are checked when loaded).
+    Returns the number of training rows when the training data is local."""
+    counts = {}
+    for key, source, split in (("train", section.train, section.split), ("eval", section.eval, section.eval_split)):
         if source and (source.endswith(DATA_SUFFIXES) or os.path.exists(source)):
-            check_rows(read_rows(source, split, section.subset), section, stage, source)
+            counts[key] = len(check_rows(read_rows(source, split, section.subset), section, stage, source)[0])
+    train = counts.get("train")
+    return min(train, section.max_rows) if train is not None and section.max_rows else train

@@ -448,7 +448,7 @@ def build_train_args(recipe: Recipe, probe: bool = False):
     kwargs = dict(recipe.train)
     kwargs["output_dir"] = recipe.output_dir
     if not torch.cuda.is_available():
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not probe:
             # Launched on CPU: without gloo, accelerate/DeepSpeed see world_size 1 and DeepSpeed's batch assert fires.
             kwargs.setdefault("ddp_backend", "gloo")
         kwargs.setdefault("bf16", False)  # TRL configs default to bf16, which CPUs reject without use_cpu

@@ -82,3 +82,14 @@ def plan(args: PPOConfig, world_size: int, dataset_size: int) -> BatchPlan:
     per_update = args.num_ppo_epochs * args.num_mini_batches
     return BatchPlan(world_size, args.per_device_train_batch_size, mini, rollout, global_rollout, updates, per_update,
                      updates * per_update, updates * global_rollout)
+
+
+def plan_problem(p: BatchPlan, dataset_size: int) -> str | None:
+    """Why this plan cannot run on `dataset_size` prompts, or None. One message that names every number."""
+    per_process = dataset_size // p.world_size
+    if per_process < p.rollout_batch:
+        return (f"{dataset_size} prompts over {p.world_size} process(es) give {per_process} per process, fewer than one "
+                f"rollout batch of {p.rollout_batch} (per_device_train_batch_size {p.micro_batch} x "
+                f"gradient_accumulation_steps {p.mini_batch // p.micro_batch} x num_mini_batches "
+                f"{p.rollout_batch // p.mini_batch})")
+    return None

@@ -166,10 +166,8 @@ class PolicyAndValue(nn.Module):
 
 
 def _apply_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    weight = head.weight
-    bias = getattr(head, "bias", None)
-    out = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
-    return out.squeeze(-1)
+    """Call the head module (so ZeRO-3 gathers its weight); hfalign's own heads are fp32, so the values are too."""
+    return head(hidden.to(head.weight.dtype)).float().squeeze(-1)
 
 
 def linear_head(hidden_size: int, weight: torch.Tensor | None = None) -> nn.Linear:

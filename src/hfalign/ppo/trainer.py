@@ -22,7 +22,7 @@ from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import TrainOutput
 
 from hfalign.ppo import core
-from hfalign.ppo.config import PPOConfig, plan
+from hfalign.ppo.config import PPOConfig, plan, plan_problem
 from hfalign.ppo.models import PolicyAndValue
 
 PPO_STATE = "hfalign_ppo_state.json"
@@ -199,13 +199,21 @@ class PPOTrainer(Trainer):
                 "policy/entropy_avg": entropy.item(), "val/ratio": pg["ratio"].item(), "val/ratio_var": pg["ratio_var"].item()}
 
     def _mean(self, value: float) -> float:
-        return self.accelerator.reduce(torch.tensor(value, device=self.accelerator.device), reduction="mean").item()
+        return self._means({"x": value})["x"]
+
+    def _means(self, metrics: dict) -> dict:
+        """Means over processes, all metrics in one collective."""
+        keys = list(metrics)
+        t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        return dict(zip(keys, self.accelerator.reduce(t, reduction="mean").tolist()))
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def _inner_training_loop(self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None,
                              ignore_keys_for_eval=None):
         a, acc = self.args, self.accelerator
         self.plan = p = plan(a, acc.num_processes, len(self.prompts))
+        if plan_problem(p, len(self.prompts)):
+            raise ValueError(plan_problem(p, len(self.prompts)))
         self.state = TrainerState(stateful_callbacks=[cb for cb in self.callback_handler.callbacks + [self.control]
                                                       if isinstance(cb, ExportableState)])
         self.state.max_steps, self.state.logging_steps, self.state.save_steps = p.num_updates, a.logging_steps, a.save_steps
@@ -272,7 +280,7 @@ class PPOTrainer(Trainer):
             "train/optimizer_steps": steps,
             **r["timing"], "timing/update": time.perf_counter() - t0,
         }
-        metrics = {k: self._mean(v) for k, v in metrics.items()}
+        metrics = self._means(metrics)
         metrics["val/num_eos_tokens"] *= acc.num_processes  # a count, summed over processes
         self.episode += self.plan.global_rollout_batch
         if a.adaptive_kl:

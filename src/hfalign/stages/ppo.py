@@ -40,10 +40,10 @@ def run(recipe: Recipe) -> dict:
                          train_dataset=train_set, eval_dataset=eval_set, callbacks=callbacks.build(recipe))
     callbacks.quiet_printer(trainer)
 
-    # 6. Train (resumes when a checkpoint exists), between two looks at held-out prompts
-    before = summarize(recipe, trainer, "ref")
+    # 6. Train (resumes when a checkpoint exists); then held-out prompts from the reference (= the SFT policy,
+    #    frozen, so "before" needs no run of its own) and from the PPO policy, with the models as DeepSpeed holds them
     trainer.train(resume_from_checkpoint=resume_from)
-    after = summarize(recipe, trainer, "policy")
+    before, after = summarize(recipe, trainer, "ref"), summarize(recipe, trainer, "policy")
 
     # 7. Save and finish
     trainer.save_model(recipe.output_dir)

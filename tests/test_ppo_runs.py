@@ -1,0 +1,89 @@
+"""PPO as users launch it: real 2-process DeepSpeed ZeRO-2/ZeRO-3 runs of recipes/ppo.yaml through
+`accelerate launch -m hfalign`, and a run killed mid-way that resumes when the same command is run again."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import ACCELERATE, PYTHON, ROOT, ppo_args, run
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+
+def launch(config: str, port: int, args: list[str]):
+    return run([*ACCELERATE, "--config_file", str(ROOT / "accelerate_configs" / config), "--num_processes", "2",
+                "--main_process_port", str(port), "-m", "hfalign", "recipes/ppo.yaml", *args])
+
+
+@pytest.mark.parametrize("config, port", [("zero2.yaml", 29541), ("zero3.yaml", 29542)])
+def test_deepspeed_ppo_two_processes(pipeline, tmp_path, config, port):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    out = tmp_path / "ppo"
+    launch(config, port, ppo_args(pipeline, out, "train.per_device_train_batch_size=8"))
+    updates = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "objective/kl" in ln]
+    assert [u["episode"] for u in updates] == [64, 128]  # 2 processes x 32 prompts per update
+    sft, ppo = load_file(str(pipeline["sft"] / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert ppo.keys() == sft.keys() and all(ppo[k].shape == sft[k].shape for k in sft)  # full weights, gathered
+    assert any(not torch.equal(sft[k], ppo[k]) for k in sft)
+    AutoModelForCausalLM.from_pretrained(out)
+    AutoModelForSequenceClassification.from_pretrained(out / "value")
+    assert json.loads((out / "summary.json").read_text())["after (policy)"]["prompts"] == 8
+
+
+def test_zero3_lora_shared_base_saves_non_empty_adapters(lora_pipeline, tmp_path):
+    """LoRA under ZeRO-3 has written empty adapters elsewhere (peft#2500, trl#4416)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    launch("zero3.yaml", 29543, [f"output_dir={out}", f"model.name_or_path={lora_pipeline['base']}",
+                                 f"model.adapter={lora_pipeline['sft']}", f"reward.model={lora_pipeline['rm']}",
+                                 "lora.enabled=true", "lora.r=8", "train.total_episodes=64", "train.num_eval_prompts=8",
+                                 "train.per_device_train_batch_size=8", "train.learning_rate=1e-2"])
+    before = load_file(str(lora_pipeline["sft"] / "adapter_model.safetensors"))
+    after = load_file(str(out / "adapter_model.safetensors"))
+    assert after.keys() == before.keys() and all(after[k].shape == before[k].shape for k in before)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    value = load_file(str(out / "value" / "adapter_model.safetensors"))
+    assert value and all(v.numel() > 0 for v in value.values())
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lora_pipeline["base"]), out)
+
+
+def test_killed_run_resumes_with_the_same_command(pipeline, tmp_path):
+    out = tmp_path / "ppo"
+    cmd = [PYTHON, "-m", "hfalign", "recipes/ppo.yaml",
+           *ppo_args(pipeline, out, "train.total_episodes=1280", "train.per_device_train_batch_size=8",
+                     "train.num_mini_batches=2", "train.save_steps=3", "train.adaptive_kl=true")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "checkpoint-6" / "hfalign_ppo_state.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (out / "hfalign_done.json").exists(), "the run was not killed mid-way"
+    saved = json.loads(marker.read_text())
+
+    resumed = run(cmd)
+    assert "resuming ppo from" in resumed.stdout
+    updates = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "objective/kl" in ln]
+    steps = [u["step"] for u in updates]
+    assert steps == list(range(1, 81)), "each update logged once, none lost or repeated"
+    episodes = [u["episode"] for u in updates]
+    assert episodes == [16 * s for s in steps]  # the episode counter came back from the checkpoint
+    first_resumed = next(u for u in updates if u["step"] == _ckpt(resumed) + 1)
+    assert first_resumed["objective/kl"] != 0.0  # the policy weights came back (an SFT policy has KL 0 exactly)
+    assert saved["kl_coef"] != 0.05  # adaptive KL had moved, and was checkpointed
+    assert (out / "hfalign_done.json").exists()
+
+
+def _ckpt(proc) -> int:
+    line = next(ln for ln in proc.stdout.splitlines() if "resuming ppo from" in ln)
+    return int(line.rsplit("-", 1)[-1])
