@@ -22,7 +22,7 @@ def test_zero3_sft_two_processes(write_recipe, sft_recipe, tiny_model, tmp_path)
          "--main_process_port", "29531", "-m", "hfalign", str(path)])
     out = tmp_path / "out"
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    train_end = [r for r in records if "train_runtime" in r][0]
+    train_end = next(r for r in records if "train_runtime" in r)
     assert train_end["step"] == 128 // (8 * 2)  # two processes really shared the data: world size 2
     saved = load_file(str(out / "model.safetensors"))
     base = load_file(str(tiny_model / "model.safetensors"))

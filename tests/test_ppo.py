@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -91,7 +90,7 @@ def test_rollout_reward_on_eos_and_masks_after_the_end(pipeline, tmp_path):
             assert (r[key][i, last + 1:] == 0).all(), key
     kl = core.kl_penalty(r["logprobs"], r["ref_logprobs"]) * r["mask"]
     rewards, _ = core.token_rewards(r["scores"], kl, 0.05, r["last"], r["mask"])
-    adv, ret = core.gae(rewards, r["values"], r["mask"], 1.0, 0.95)
+    adv, _ret = core.gae(rewards, r["values"], r["mask"], 1.0, 0.95)
     assert ((rewards != 0) <= r["mask"].bool()).all() and ((adv != 0) <= r["mask"].bool()).all()
 
 

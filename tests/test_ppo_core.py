@@ -64,7 +64,7 @@ def test_policy_loss_by_hand():
 
 def test_ratio_one_when_nothing_changed():
     logp = torch.randn(3, 4)
-    loss, s = core.policy_loss(logp, logp.clone(), torch.randn(3, 4), torch.ones(3, 4), 0.2)
+    _loss, s = core.policy_loss(logp, logp.clone(), torch.randn(3, 4), torch.ones(3, 4), 0.2)
     assert s["ratio"].item() == 1.0 and s["approxkl"].item() == 0.0 and s["clipfrac"].item() == 0.0
 
 

@@ -68,5 +68,5 @@ def test_every_shipped_recipe_validates(path: Path, tiny_model, tmp_path, monkey
         overrides.append(f"reward.model={tiny_model}")
     if (tree.get("value") or {}).get("model"):
         overrides.append(f"value.model={tiny_model}")
-    code, out, err = cli("validate", str(path), *overrides)
+    code, _out, err = cli("validate", str(path), *overrides)
     assert code == 0, err

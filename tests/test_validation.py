@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import PYTHON, cli, run
+from conftest import PYTHON, ROOT, cli, run
 
 
 def assert_user_error(code, out, err, *needles):
@@ -138,3 +138,48 @@ def test_real_process_exits_2_without_traceback(write_recipe, sft_recipe):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "'train.learning_rate' must be > 0" in proc.stderr
+
+
+@pytest.fixture
+def ppo_recipe(pipeline_free_dirs) -> dict:
+    sft, rm = pipeline_free_dirs
+    return {"stage": "ppo", "output_dir": str(sft.parent / "ppo"), "model": {"name_or_path": str(sft)},
+            "reward": {"model": str(rm)}, "data": {"train": str(ROOT / "data/ppo_prompts.jsonl")},
+            "train": {"per_device_train_batch_size": 8, "num_mini_batches": 2}}
+
+
+@pytest.fixture
+def pipeline_free_dirs(tiny_model):
+    return tiny_model, tiny_model  # validation loads no model: any model directory stands in for SFT and RM
+
+
+@pytest.mark.parametrize(
+    "mutate, needles",
+    [
+        (lambda r: r.pop("reward"), ["'reward' section is required for stage ppo"]),
+        (lambda r: r["reward"].update(function="hfalign.task:objective"), ["exactly one of 'model' or 'function'"]),
+        (lambda r: r.update(reward={"function": "no_such_pkg.mod:fn"}), ["'reward.function'", "cannot import module"]),
+        (lambda r: r.update(reward={"function": "hfalign.task:nope"}), ["has no function 'nope'"]),
+        (lambda r: r.update(reward={"function": "not a spec"}), ["expected 'package.module:function'"]),
+        (lambda r: r.update(summary={"objective": "hfalign.task:missing"}), ["'summary.objective'", "has no function"]),
+        (lambda r: r["reward"].update(model="/no/rm"), ["'reward.model' directory '/no/rm' does not exist"]),
+        (lambda r: r["train"].update(kl_estimator="k2"), ["'train.kl_estimator' must be one of 'k1', 'k3'"]),
+        (lambda r: r["train"].update(cliprange=-0.1), ["'train.cliprange' must be >= 0"]),
+        (lambda r: r["train"].update(response_length=0), ["'train.response_length' must be > 0"]),
+        (lambda r: r["train"].update(per_device_train_batch_size=64, num_mini_batches=4),
+         ["PPO batch does not fit the data", "120 prompts", "rollout batch of 256"]),
+        (lambda r: r.update(callbacks=[{"name": "kl_guard", "max_kl": -1}]), ["kl_guard needs max_kl > 0"]),
+        (lambda r: r.update(callbacks=[{"name": "sample_table", "every": 0}]), ["sample_table needs every >= 1"]),
+        (lambda r: r["data"].update(train=str(ROOT / "data/rm_train.jsonl"), format="preference"),
+         ["data.format 'preference' does not fit stage 'ppo'"]),
+        (lambda r: r["data"].update(columns={"prompt": "question"}), ["line 1", "missing column 'question'",
+                                                                       "data.columns.prompt"]),
+    ],
+    ids=["no-reward", "reward-both", "fn-module", "fn-name", "fn-spec", "summary-fn", "rm-missing", "kl-estimator",
+         "cliprange", "response-length", "batch-too-big", "kl-guard", "sample-table", "wrong-format", "bad-rename"],
+)
+def test_bad_ppo_recipe(write_recipe, ppo_recipe, mutate, needles):
+    code, _, err = cli("validate", str(write_recipe(ppo_recipe)))
+    assert code == 0, err  # the base recipe is valid
+    mutate(ppo_recipe)
+    assert_user_error(*cli("validate", str(write_recipe(ppo_recipe))), *needles)

@@ -74,8 +74,7 @@ class SampleTableCallback(TrainerCallback):
         if not state.is_world_process_zero or not samples or (update % self.every and update != 1):
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            for prompt, completion, score in list(zip(samples["prompt"], samples["completion"], samples["score"]))[: self.rows]:
-                f.write(json.dumps({"update": update, "prompt": prompt, "completion": completion, "score": score}) + "\n")
+            f.writelines(json.dumps({"update": update, "prompt": prompt, "completion": completion, "score": score}) + "\n" for prompt, completion, score in list(zip(samples["prompt"], samples["completion"], samples["score"]))[: self.rows])
 
 
 def make_metrics(recipe, console: bool = True, keys: list[str] | None = None):

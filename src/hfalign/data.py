@@ -126,6 +126,10 @@ def check_rows(rows: list[dict], section: DataSection, stage: str, source: str) 
     required, optional = FORMATS[fmt]
     clean = []
     for raw in rows:
+        for ours, theirs in section.columns.items():
+            if theirs not in raw:
+                raise _bad(source, raw, f"missing column '{theirs}' (named by data.columns.{ours}).",
+                           f"fix data.columns.{ours} or the file")
         row = _renamed(raw, section)
         for col in required:
             if col not in row:
@@ -154,7 +158,7 @@ def load(section: DataSection, stage: str):
     """(train, eval) as datasets.Dataset; eval is None when neither data.eval nor data.eval_fraction is set."""
     import datasets
 
-    rows, fmt = check_rows(read_rows(section.train, section.split, section.subset), section, stage, section.train)
+    rows, _fmt = check_rows(read_rows(section.train, section.split, section.subset), section, stage, section.train)
     if section.max_rows:
         rows = rows[: section.max_rows]
     train = datasets.Dataset.from_list(rows)

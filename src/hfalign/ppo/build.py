@@ -5,8 +5,15 @@ from __future__ import annotations
 import dataclasses
 
 from hfalign import models
-from hfalign.ppo.models import (PolicyAndValue, adapter_base, disable_dropout, freeze, is_adapter_dir, linear_head,
-                                read_adapter_head)
+from hfalign.ppo.models import (
+    PolicyAndValue,
+    adapter_base,
+    disable_dropout,
+    freeze,
+    is_adapter_dir,
+    linear_head,
+    read_adapter_head,
+)
 from hfalign.recipe import Recipe, ValueSection
 
 

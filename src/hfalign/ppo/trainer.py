@@ -214,7 +214,7 @@ class PPOTrainer(Trainer):
         self.plan = p = plan(a, acc.num_processes, len(self.prompts))
         if plan_problem(p, len(self.prompts)):
             raise ValueError(plan_problem(p, len(self.prompts)))
-        self.state = TrainerState(stateful_callbacks=[cb for cb in self.callback_handler.callbacks + [self.control]
+        self.state = TrainerState(stateful_callbacks=[cb for cb in [*self.callback_handler.callbacks, self.control]
                                                       if isinstance(cb, ExportableState)])
         self.state.max_steps, self.state.logging_steps, self.state.save_steps = p.num_updates, a.logging_steps, a.save_steps
         self.state.train_batch_size = p.global_rollout_batch
