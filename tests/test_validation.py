@@ -59,6 +59,16 @@ def test_bad_recipe(write_recipe, sft_recipe, mutate, needles):
     assert "Fix:" in line  # how to fix
 
 
+def test_yaml_bare_no_means_the_word(write_recipe, sft_recipe):
+    """YAML 1.1 reads `save_strategy: no` as False; where the choices are words, the word is meant."""
+    sft_recipe["train"].update(save_strategy=False, eval_strategy=False)
+    code, out, err = cli("show", str(write_recipe(sft_recipe)))
+    assert code == 0, err
+    assert "save_strategy: 'no'" in out and "eval_strategy: 'no'" in out
+    sft_recipe["train"] = {"optim": True}
+    assert_user_error(*cli("validate", str(write_recipe(sft_recipe))), "'train.optim'", "quote the word")
+
+
 def test_yaml_exponent_string_is_a_float(write_recipe, sft_recipe):
     """PyYAML reads `1e-5` as a string (YAML 1.1); a float field accepts it anyway."""
     text = json.dumps(sft_recipe).replace('"learning_rate": 0.001', '"learning_rate": "1e-5"')

@@ -75,7 +75,8 @@ def coerce(value: Any, tp: Any) -> Any:
                 pass
         raise _Mismatch
     if origin is Literal:
-        if value in typing.get_args(tp):
+        value = _yaml_bool_word(value, typing.get_args(tp))
+        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):  # True == 1, but not here
             return value
         raise _Mismatch
     if tp is type(None):
@@ -114,9 +115,19 @@ def coerce(value: Any, tp: Any) -> Any:
             raise _Mismatch
         return value
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if isinstance(value, tp) or value in {m.value for m in tp}:
+        value = _yaml_bool_word(value, [m.value for m in tp])
+        if isinstance(value, tp) or (not isinstance(value, bool) and value in {m.value for m in tp}):
             return value
         raise _Mismatch
+    return value
+
+
+def _yaml_bool_word(value: Any, choices) -> Any:
+    """YAML 1.1 reads a bare `no`/`yes` as a boolean; where the choices are words, take the word that was meant."""
+    if isinstance(value, bool):
+        word = "yes" if value else "no"
+        if word in choices:
+            return word
     return value
 
 
@@ -132,7 +143,8 @@ def check_value(value: Any, tp: Any, path: str) -> Any:
     try:
         return coerce(value, tp)
     except _Mismatch:
-        raise UserError(f"'{path}' must be {describe(tp)}, got {value!r}.", fix=f"set '{path}' to {describe(tp)}") from None
+        hint = " (YAML reads bare yes/no/on/off as booleans: quote the word)" if isinstance(value, bool) else ""
+        raise UserError(f"'{path}' must be {describe(tp)}, got {value!r}{hint}.", fix=f"set '{path}' to {describe(tp)}") from None
 
 
 def parse_into(cls: type, data: Any, where: str):
