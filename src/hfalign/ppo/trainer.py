@@ -351,7 +351,8 @@ class PPOTrainer(Trainer):
             r = self.rollout(q.to(self.accelerator.device), m.to(self.accelerator.device), role=role)
             out["completion"] += self.tokenizer.batch_decode(r["responses"], skip_special_tokens=True)
             out["score"] += r["scores"].tolist()
-            out["kl"] += (r["logprobs"] - r["ref_logprobs"]).sum(1).tolist()
+            own = r["ref_logprobs"] if role == "ref" else r["logprobs"]  # KL of the sampling model to the reference
+            out["kl"] += (own - r["ref_logprobs"]).sum(1).tolist()
             out["has_eos"] += r["has_eos"].tolist()
         return out
 
