@@ -237,3 +237,35 @@ def test_default_pipeline_does_what_the_readme_says(pipeline, tmp_path):
     assert after["well_formed"] >= 0.9 and after["eos_rate"] >= 0.9
     assert after["kl"] < 25
     assert before["kl"] == 0.0  # the reference against itself
+
+
+def test_lora_critic_of_its_own(lora_pipeline, tmp_path, monkeypatch):
+    """value.shared_base: false gives the critic its own (merged) model beside the shared policy base."""
+    monkeypatch.chdir(ROOT)
+    r = shared_recipe(lora_pipeline, tmp_path, "value.shared_base=false")
+    wrapper = build(r, models.load_tokenizer(r.model))
+    assert wrapper.critic is not None and "value" not in wrapper.policy.peft_config
+    assert all(p.requires_grad for p in wrapper.critic.parameters())
+
+
+def test_api_with_peft_config(pipeline, tmp_path):
+    """TRL-style: a causal LM plus peft_config -> policy adapter, reference = adapter off, value adapter + head."""
+    import datasets
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(pipeline["sft"], padding_side="left")
+    prompts = [json.loads(ln) for ln in (ROOT / "data/ppo_prompts.jsonl").read_text().splitlines()][:32]
+    args = PPOConfig(output_dir=str(tmp_path / "peft"), per_device_train_batch_size=8, num_mini_batches=2,
+                     total_episodes=16, response_length=12, report_to="none", save_strategy="no", learning_rate=1e-2)
+    trainer = PPOTrainer(args=args, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(pipeline["sft"]),
+                         reward_model=AutoModelForSequenceClassification.from_pretrained(pipeline["rm"]),
+                         train_dataset=datasets.Dataset.from_list(prompts),
+                         peft_config=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all(".default." in n or ".value." in n or n.startswith("value_head") for n in changed)
+    assert any(".value." in n for n in changed) and any(".default." in n for n in changed)
+    trainer.save_model(str(tmp_path / "peft_out"))
+    assert (tmp_path / "peft_out" / "adapter_model.safetensors").exists()

@@ -96,6 +96,9 @@ def prepare(recipe: Recipe, is_main: bool) -> str | None:
         atomic_write(out / "versions.json", json.dumps(versions(), indent=2) + "\n")
         if ckpt:
             print(f"hfalign: resuming {recipe.stage} from {ckpt}", flush=True)
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()  # no rank reads the run directory while the main one prepares it
     return ckpt
 
 
