@@ -269,3 +269,31 @@ def test_api_with_peft_config(pipeline, tmp_path):
     assert any(".value." in n for n in changed) and any(".default." in n for n in changed)
     trainer.save_model(str(tmp_path / "peft_out"))
     assert (tmp_path / "peft_out" / "adapter_model.safetensors").exists()
+
+
+def test_kl_guard_stops_and_saves(pipeline, tmp_path):
+    out = tmp_path / "guarded"
+    code, stdout, err = _cli_in_root("train", "recipes/ppo.yaml", *ppo_args(pipeline, out, "train.total_episodes=512",
+                                     "train.learning_rate=3e-3", "train.save_steps=1000",
+                                     "callbacks=[metrics, {name: kl_guard, max_kl: 0.01, action: stop}]"))
+    assert code == 0, err[-3000:]
+    updates = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "objective/kl" in ln]
+    assert updates[-1]["objective/kl"] > 0.01 and all(u["objective/kl"] <= 0.01 for u in updates[:-1])
+    assert len(updates) < 8  # stopped before the 8 updates it was given
+    assert (out / f"checkpoint-{len(updates)}" / "hfalign_ppo_state.json").exists()  # saved when it stopped
+    assert "KL guard" in stdout
+
+
+def test_conversational_prompts(pipeline, tmp_path):
+    """Prompts as messages go through the tokenizer's chat template with the generation prompt."""
+    import datasets
+
+    trainer = api_trainer(pipeline, tmp_path, total_episodes=16)
+    convo = [{"prompt": [{"role": "user", "content": "Write a review of the red door."}]}] * 16
+    trainer2 = PPOTrainer(args=trainer.args, processing_class=trainer.tokenizer, model=trainer.model,
+                          train_dataset=datasets.Dataset.from_list(convo))
+    text = trainer.tokenizer.decode(trainer2.prompts[0])
+    assert text.startswith("<s>user: Write a review of the red door.") or "user: Write a review" in text
+    assert text.rstrip().endswith("assistant:")
+    trainer2.train()
+    assert logged(trainer2)

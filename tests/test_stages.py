@@ -108,3 +108,14 @@ def test_foreign_nonempty_dir_is_refused(write_recipe, sft_recipe):
     code, _, err = cli("train", str(write_recipe(sft_recipe)))
     assert code == 2 and "not an hfalign run directory" in err
     assert (out / "precious.txt").read_text() == "mine"
+
+
+def test_qlora_sft_stage(write_recipe, sft_recipe, tiny_model):
+    """QLoRA through the stage: 4-bit NF4 base (bitsandbytes on CPU) + a LoRA adapter that learns."""
+    out = Path(sft_recipe["output_dir"])
+    train(write_recipe, sft_recipe, "lora.enabled=true", "lora.r=4", "quantization.load_in_4bit=true",
+          "quantization.compute_dtype=float32", "train.learning_rate=1e-2")
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model)

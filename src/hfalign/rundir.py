@@ -67,7 +67,7 @@ def decide(recipe: Recipe) -> tuple[str, str | None]:
         return "overwrite", None
     if (out / DONE).exists():
         raise UserError(f"{out} already holds a finished {recipe.stage} run.",
-                        fix="pass overwrite=true to replace it, or output_dir=<another dir>")
+                        fix="pass overwrite=true to replace it (with make: ARGS=overwrite=true), or output_dir=<another dir>")
     ckpt = last_checkpoint(out)
     if ckpt and recipe.resume:
         return "resume", ckpt

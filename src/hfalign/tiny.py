@@ -17,7 +17,7 @@ CHAT_TEMPLATE = (
 
 SIZES = {
     # name: (hidden, intermediate, layers, heads, kv_heads)
-    "tiny": (64, 176, 2, 4, 2),
+    "tiny": (64, 192, 2, 4, 2),  # widths divisible by 32: bitsandbytes' CPU 4-bit kernels need it (QLoRA eval)
     "100m": (768, 3072, 12, 12, 4),  # ~104M parameters: the memory benchmark's model
 }
 
