@@ -297,3 +297,11 @@ def test_conversational_prompts(pipeline, tmp_path):
     assert text.rstrip().endswith("assistant:")
     trainer2.train()
     assert logged(trainer2)
+
+
+def test_gradient_checkpointing(pipeline, tmp_path):
+    """Trainer turns it on through PolicyAndValue; generation turns it off and back on (trl's unwrap)."""
+    trainer = api_trainer(pipeline, tmp_path, total_episodes=16, gradient_checkpointing=True)
+    trainer.train()
+    assert trainer.model.policy.is_gradient_checkpointing and trainer.model.critic.is_gradient_checkpointing
+    assert logged(trainer)[0]["loss/value_avg"] > 0

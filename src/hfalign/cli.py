@@ -18,7 +18,7 @@ import sys
 
 import yaml
 
-from hfalign.errors import UserError
+from hfalign.errors import UserError, located
 
 COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data")
 
@@ -43,17 +43,12 @@ def validate(path: str, overrides: list[str]):
     from hfalign import callbacks, data, models, recipe
 
     r = recipe.load(path, overrides)
-    try:
+    with located(path):
         models.check_model(r.model)
         rows = data.check(r.data, r.stage)
         callbacks.check(r)
         if r.stage == "ppo" and rows is not None:
             _check_ppo_plan(r, rows)
-    except UserError as e:
-        if e.where is None:
-            e.where = path
-            e.args = (e.format(),)
-        raise
     return r
 
 

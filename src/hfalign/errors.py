@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 
 class UserError(Exception):
     """A mistake the user can fix: what is wrong, where (file, dotted key, row), how to fix it."""
@@ -14,3 +16,15 @@ class UserError(Exception):
         head = f"{self.where}: " if self.where else ""
         tail = f" Fix: {self.fix}" if self.fix else ""
         return f"{head}{self.what}{tail}"
+
+
+@contextlib.contextmanager
+def located(where: str):
+    """A UserError raised inside without a location gets `where` (the recipe file)."""
+    try:
+        yield
+    except UserError as e:
+        if e.where is None:
+            e.where = where
+            e.args = (e.format(),)
+        raise

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from hfalign.errors import UserError
+from hfalign.errors import UserError, located
 from hfalign.schema import check_keys, check_value, doc, field_types, parse_into
 
 STAGES = ("sft", "rm", "ppo")
@@ -342,8 +342,7 @@ def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
     """Read, merge, override and validate a recipe. Raises UserError; loads no model and no data."""
     source = Path(path)
     tree = apply_overrides(load_tree(source), overrides or [])
-    where = str(source)
-    try:
+    with located(str(source)):
         stage = tree.get("stage")
         if stage not in STAGES:
             raise UserError(f"'stage' must be one of {', '.join(STAGES)}, got {stage!r}.", fix="set stage: sft, rm or ppo")
@@ -353,11 +352,6 @@ def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
         recipe = _parse_recipe(tree)
         recipe.source = str(source)
         validate_train(recipe)
-    except UserError as e:
-        if e.where is None:
-            e.where = where
-            e.args = (e.format(),)
-        raise
     return recipe
 
 

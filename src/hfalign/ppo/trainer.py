@@ -229,7 +229,7 @@ class PPOTrainer(Trainer):
         batches = prompt_batches(len(self.prompts), p.rollout_batch, acc.process_index, acc.num_processes, a.seed)
         for _ in range(self.state.global_step):  # a resumed run continues with the prompts it had not seen
             next(batches)
-        start, history = time.perf_counter(), defaultdict(list)
+        start, start_episode, history = time.perf_counter(), self.episode, defaultdict(list)
         while self.state.global_step < p.num_updates:
             self.control = self.callback_handler.on_step_begin(a, self.state, self.control)
             metrics = self._one_update(next(batches))
@@ -237,7 +237,8 @@ class PPOTrainer(Trainer):
                 history[k].append(v)
             self.state.global_step += 1
             self.state.epoch = self.episode / max(1, len(self.prompts))
-            metrics.update({"eps": self.episode / (time.perf_counter() - start), "episode": self.episode,
+            eps = (self.episode - start_episode) / (time.perf_counter() - start)  # this process's run, not a resumed one's
+            metrics.update({"eps": eps, "episode": self.episode,
                             "lr": self.lr_scheduler.get_last_lr()[0]})
             self.control = self.callback_handler.on_step_end(a, self.state, self.control)
             if self.control.should_log:
