@@ -119,3 +119,17 @@ def test_qlora_sft_stage(write_recipe, sft_recipe, tiny_model):
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_model)
+
+
+def test_messages_sft_with_tensorboard(write_recipe, sft_recipe, data_dir, tmp_path):
+    """Conversational rows through the tokenizer's chat template, and report_to: tensorboard writing events."""
+    rows = [json.loads(ln) for ln in (data_dir / "sft_train.jsonl").read_text().splitlines()][:64]
+    convo = tmp_path / "convo.jsonl"
+    convo.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                                      {"role": "assistant", "content": r["completion"].strip()}]}) + "\n"
+                             for r in rows))
+    sft_recipe["data"] = {"train": str(convo)}
+    out = Path(sft_recipe["output_dir"])
+    train(write_recipe, sft_recipe, "train.report_to=[tensorboard]")
+    assert list((out / "runs").rglob("events.out.tfevents.*")), "no tensorboard event file"
+    assert any("loss" in json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines())

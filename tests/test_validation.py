@@ -46,10 +46,11 @@ def test_valid_recipe_passes(write_recipe, sft_recipe):
         (lambda r: r.update(callbacks=[{"name": "metrics", "colour": 1}]), ["has no option 'colour'"]),
         (lambda r: r["data"].update(eval_fraction=1.5), ["'data.eval_fraction' must be in [0, 1)"]),
         (lambda r: r["train"].update(lr_scheduler_type="zigzag"), ["SFTConfig rejects", "zigzag"]),
+        (lambda r: r["train"].update(evaluation_strategy="epoch"), ["'train.evaluation_strategy'", "'eval_strategy'"]),
     ],
     ids=["unknown-top", "unknown-nested", "unknown-train", "wrong-type", "lr-zero", "lr-negative", "batch-zero",
          "epochs-type", "missing-data", "missing-model", "bad-stage", "missing-required", "owned-key", "qlora-no-lora",
-         "reward-in-sft", "unknown-callback", "callback-option", "eval-fraction", "config-rejects"],
+         "reward-in-sft", "unknown-callback", "callback-option", "eval-fraction", "config-rejects", "renamed-key"],
 )
 def test_bad_recipe(write_recipe, sft_recipe, mutate, needles):
     mutate(sft_recipe)

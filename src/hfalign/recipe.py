@@ -403,6 +403,15 @@ OWNED_KEYS = {
     "overwrite_output_dir": "set the top-level 'overwrite'",
 }
 
+# Keys that older recipes (transformers 4, older TRL) carry: say what replaced them instead of "unknown key".
+RENAMED = {
+    "evaluation_strategy": "renamed to 'eval_strategy' in transformers 5",
+    "logging_dir": "removed in transformers 5: TensorBoard writes under output_dir/runs, or set TENSORBOARD_LOGGING_DIR",
+    "max_seq_length": "renamed to 'max_length' in TRL",
+    "torch_dtype": "set 'model.dtype'",
+    "tokenizer": "set 'model.tokenizer'",
+}
+
 POSITIVE = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
             "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps", "eval_steps",
             "num_ppo_epochs", "num_mini_batches", "response_length", "temperature", "local_rollout_forward_batch_size")
@@ -419,6 +428,8 @@ def validate_train(recipe: Recipe) -> None:
     for key in train:
         if key in OWNED_KEYS:
             raise UserError(f"'train.{key}' is set by hfalign.", fix=OWNED_KEYS[key])
+        if key in RENAMED and key not in allowed:
+            raise UserError(f"'train.{key}' is not a {cls.__name__} field.", fix=RENAMED[key])
     check_keys(train, allowed, "train")
     checked = {key: check_value(value, types_[key], f"train.{key}") for key, value in train.items()}
     for key in POSITIVE:
