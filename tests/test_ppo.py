@@ -127,7 +127,7 @@ def test_ppo_stage_end_to_end(pipeline, tmp_path):
     assert code == 0, err[-3000:]
     logs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     updates = [r for r in logs if "objective/kl" in r]
-    assert len(updates) == 2  # 128 episodes / 64 per update
+    assert len(updates) == 4  # 128 episodes / 32 per update
     for key in ISSUE_KEYS:
         assert all(key in r for r in updates), key
     assert all(r["objective/entropy"] >= 0 for r in updates)
