@@ -194,3 +194,14 @@ def test_bad_ppo_recipe(write_recipe, ppo_recipe, mutate, needles):
     assert code == 0, err  # the base recipe is valid
     mutate(ppo_recipe)
     assert_user_error(*cli("validate", str(write_recipe(ppo_recipe))), *needles)
+
+
+def test_mistyped_command_is_not_taken_for_a_recipe():
+    code, _, err = cli("trian", "recipes/sft.yaml")
+    assert code == 2 and "invalid choice: 'trian'" in err
+
+
+def test_python_m_hfalign_recipe_means_train(write_recipe, sft_recipe):
+    sft_recipe["train"]["learning_rate"] = 0
+    code, _, err = cli(str(write_recipe(sft_recipe)))  # no command: a .yaml path means train (accelerate -m hfalign)
+    assert code == 2 and "'train.learning_rate' must be > 0" in err

@@ -65,7 +65,7 @@ def _check_ppo_plan(r, rows: int) -> None:
 
 
 def _run(argv: list[str]) -> int:
-    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+    if argv and argv[0] not in COMMANDS and (argv[0].endswith((".yaml", ".yml")) or os.path.isfile(argv[0])):
         argv = ["train", *argv]  # python -m hfalign RECIPE ... (what `accelerate launch -m hfalign` runs)
     args = _parser().parse_args(argv)
     if args.command == "schema":
