@@ -305,3 +305,12 @@ def test_gradient_checkpointing(pipeline, tmp_path):
     trainer.train()
     assert trainer.model.policy.is_gradient_checkpointing and trainer.model.critic.is_gradient_checkpointing
     assert logged(trainer)[0]["loss/value_avg"] > 0
+
+
+def test_reward_function_returning_wrong_count(pipeline, tmp_path):
+    from hfalign.errors import UserError
+
+    trainer = api_trainer(pipeline, tmp_path)
+    trainer.reward_fn = lambda prompts, completions: [1.0]
+    with pytest.raises(UserError, match=r"returned 1 scores for 8 completions"):
+        trainer._call_reward_fn(["p"] * 8, ["c"] * 8)

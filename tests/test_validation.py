@@ -205,3 +205,24 @@ def test_python_m_hfalign_recipe_means_train(write_recipe, sft_recipe):
     sft_recipe["train"]["learning_rate"] = 0
     code, _, err = cli(str(write_recipe(sft_recipe)))  # no command: a .yaml path means train (accelerate -m hfalign)
     assert code == 2 and "'train.learning_rate' must be > 0" in err
+
+
+def test_adapter_on_another_base_is_refused(write_recipe, sft_recipe, tmp_path, tiny_model):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}))
+    sft_recipe["model"]["adapter"] = str(adapter)
+    assert_user_error(*cli("validate", str(write_recipe(sft_recipe))), "'model.adapter'", "trained on 'meta-llama/Llama-2-7b-hf'")
+
+
+def test_model_dir_without_config_is_a_clear_error(write_recipe, sft_recipe, tmp_path):
+    empty = tmp_path / "empty_model"
+    empty.mkdir()  # a directory without config or weights: what a failed download leaves behind
+    sft_recipe["model"]["name_or_path"] = str(empty)
+    assert_user_error(*cli("validate", str(write_recipe(sft_recipe))), "has no config.json", str(empty))
+
+
+def test_hub_model_that_cannot_be_had_is_a_clear_error(write_recipe, sft_recipe):
+    sft_recipe["model"]["name_or_path"] = "nobody-here/no-such-model"  # offline in tests: cannot be fetched
+    assert_user_error(*cli("train", str(write_recipe(sft_recipe))), "could not load the tokenizer",
+                      "'nobody-here/no-such-model'")

@@ -45,6 +45,10 @@ def validate(path: str, overrides: list[str]):
     r = recipe.load(path, overrides)
     with located(path):
         models.check_model(r.model)
+        if r.model.adapter:
+            models.check_adapter_base(r.model.adapter, r.model.name_or_path, "model.adapter")
+        if r.reward and r.reward.model and r.lora.enabled:
+            models.check_adapter_base(r.reward.model, r.model.name_or_path, "reward.model")
         rows = data.check(r.data, r.stage)
         callbacks.check(r)
         if r.stage == "ppo" and rows is not None:

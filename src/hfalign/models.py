@@ -6,6 +6,7 @@ EOS, so EOS stays a learnable token: arXiv 2403.17031).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -35,6 +36,12 @@ def check_model(m: ModelSection, where: str = "model") -> None:
     """Checks that need the checkpoint's config but no weights: remote code must be asked for."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    local = os.path.expanduser(m.name_or_path)
+    if os.path.isdir(local) and not os.path.isfile(os.path.join(local, "config.json")):
+        hint = " (it holds a LoRA adapter: set model.adapter to it and model.name_or_path to its base)" \
+            if os.path.isfile(os.path.join(local, "adapter_config.json")) else ""
+        raise UserError(f"'{where}.name_or_path' ({m.name_or_path}) has no config.json, so it is not a model directory{hint}.",
+                        fix="point it at a directory written by save_pretrained, or a hub id")
     cfg = _local_config(m.name_or_path)
     if cfg is None:
         return
@@ -46,12 +53,40 @@ def check_model(m: ModelSection, where: str = "model") -> None:
         )
 
 
+@contextlib.contextmanager
+def loading(what: str, name: str):
+    """OSError from from_pretrained (unknown id, offline, missing files) -> a UserError naming what failed."""
+    try:
+        yield
+    except (OSError, ValueError) as e:  # both are how from_pretrained says "not loadable"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"could not load the {what} {name!r}: {first}",
+                        fix="check the id or path; without network use a local directory (or the hub cache)") from None
+
+
+def check_adapter_base(adapter: str, base: str, where: str) -> None:
+    """A LoRA adapter only means something on the base it was trained on; a mismatch would load silently."""
+    cfg_path = os.path.join(adapter, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        return
+    with open(cfg_path, encoding="utf-8") as f:
+        trained_on = json.load(f).get("base_model_name_or_path")
+    if not trained_on:
+        return
+    same = trained_on == base or (os.path.exists(trained_on) and os.path.exists(base)
+                                  and os.path.realpath(trained_on) == os.path.realpath(base))
+    if not same:
+        raise UserError(f"'{where}' ({adapter}) is a LoRA adapter trained on {trained_on!r}, but model.name_or_path is "
+                        f"{base!r}.", fix="point model.name_or_path at the adapter's base model")
+
+
 def load_tokenizer(m: ModelSection):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        m.tokenizer or m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code
-    )
+    with loading("tokenizer", m.tokenizer or m.name_or_path):
+        tok = AutoTokenizer.from_pretrained(
+            m.tokenizer or m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code
+        )
     if m.chat_template:
         if m.chat_template.endswith((".jinja", ".j2")):
             with open(m.chat_template, encoding="utf-8") as f:
@@ -106,7 +141,8 @@ def load_causal_lm(m: ModelSection, q: QuantizationSection, tok):
     from transformers import AutoModelForCausalLM
 
     check_model(m)
-    model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **from_pretrained_kwargs(m, q))
+    with loading("model", m.name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **from_pretrained_kwargs(m, q))
     _fit_tokenizer(model, tok)
     return model
 
@@ -116,7 +152,9 @@ def load_sequence_classifier(m: ModelSection, q: QuantizationSection, tok, path:
     from transformers import AutoModelForSequenceClassification
 
     check_model(m)
-    model = AutoModelForSequenceClassification.from_pretrained(path or m.name_or_path, num_labels=1, **from_pretrained_kwargs(m, q))
+    with loading("model", path or m.name_or_path):
+        model = AutoModelForSequenceClassification.from_pretrained(path or m.name_or_path, num_labels=1,
+                                                                   **from_pretrained_kwargs(m, q))
     _fit_tokenizer(model, tok)
     return model
 

@@ -21,6 +21,7 @@ from transformers import GenerationConfig, Trainer
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import TrainOutput
 
+from hfalign.errors import UserError
 from hfalign.ppo import core
 from hfalign.ppo.config import PPOConfig, plan, plan_problem
 from hfalign.ppo.models import PolicyAndValue
@@ -130,11 +131,24 @@ class PPOTrainer(Trainer):
         else:
             prompts = self.tokenizer.batch_decode(queries, skip_special_tokens=True)
             texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-            scores = torch.tensor(self.reward_fn(prompts, texts), dtype=torch.float32)
+            scores = self._call_reward_fn(prompts, texts)
         timing["timing/score"] = time.perf_counter() - t0
         return {"queries": queries, "responses": responses, "full": full, "attn": attn, "pos": pos, "mask": mask,
                 "last": last, "has_eos": has_eos, "logprobs": torch.cat(logprobs) * mask, "scores": scores.float(),
                 "ref_logprobs": torch.cat(ref_logprobs) * mask, "values": torch.cat(values) * mask, "timing": timing}
+
+    def _call_reward_fn(self, prompts: list[str], texts: list[str]) -> torch.Tensor:
+        name = getattr(self.reward_fn, "__qualname__", repr(self.reward_fn))
+        out = self.reward_fn(prompts, texts)
+        try:
+            scores = torch.tensor([float(x) for x in out], dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise UserError(f"reward function {name} must return a list of numbers, got {type(out).__name__}.",
+                            fix="return one float per completion") from None
+        if len(scores) != len(texts):
+            raise UserError(f"reward function {name} returned {len(scores)} scores for {len(texts)} completions.",
+                            fix="return one float per completion, in order")
+        return scores
 
     def shape_scores(self, scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
         """Missing-EOS penalty (on the response only: trl#6802), normalisation, clipping."""
