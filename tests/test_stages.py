@@ -133,3 +133,12 @@ def test_messages_sft_with_tensorboard(write_recipe, sft_recipe, data_dir, tmp_p
     train(write_recipe, sft_recipe, "train.report_to=[tensorboard]")
     assert list((out / "runs").rglob("events.out.tfevents.*")), "no tensorboard event file"
     assert any("loss" in json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_resume_trims_metrics_including_a_line_cut_by_the_crash(tmp_path):
+    from hfalign.rundir import _trim_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2, "loss": 1}\n{"step": 4, "loss": 0.9}\n{"step": 6, "loss": 0.8}\n{"step": 8, "lo')
+    _trim_metrics(path, 4)
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [2, 4]

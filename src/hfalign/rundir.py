@@ -110,7 +110,13 @@ def _trim_metrics(path: Path, step: int) -> None:
     """On resume, drop log lines written after the checkpoint, so metrics.jsonl has no duplicated steps."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut off by the crash itself
+            continue
     atomic_write(path, "".join(ln + "\n" for ln in keep))
 
 
