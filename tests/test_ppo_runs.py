@@ -82,6 +82,8 @@ def test_killed_run_resumes_with_the_same_command(pipeline, tmp_path):
     assert first_resumed["objective/kl"] != 0.0  # the policy weights came back (an SFT policy has KL 0 exactly)
     assert saved["kl_coef"] != 0.05  # adaptive KL had moved, and was checkpointed
     assert (out / "hfalign_done.json").exists()
+    sampled = [json.loads(ln)["update"] for ln in (out / "samples.jsonl").read_text().splitlines()]
+    assert sampled == sorted(sampled)  # the sample table was trimmed at the checkpoint, not appended twice
 
 
 def _ckpt(proc) -> int:

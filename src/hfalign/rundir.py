@@ -90,8 +90,10 @@ def prepare(recipe: Recipe, is_main: bool) -> str | None:
         out.mkdir(parents=True, exist_ok=True)
         if mode == "fresh":
             (out / "metrics.jsonl").unlink(missing_ok=True)
+            (out / "samples.jsonl").unlink(missing_ok=True)
         else:
             _trim_metrics(out / "metrics.jsonl", _checkpoint_step(ckpt))
+            _trim_metrics(out / "samples.jsonl", _checkpoint_step(ckpt), key="update")  # PPO's sample table
         atomic_write(out / "recipe.resolved.yaml", yaml.safe_dump(resolved(recipe), sort_keys=False))
         atomic_write(out / "versions.json", json.dumps(versions(), indent=2) + "\n")
         if ckpt:
@@ -106,14 +108,14 @@ def _checkpoint_step(ckpt: str | None) -> int:
     return int(ckpt.rsplit("-", 1)[-1]) if ckpt else 0
 
 
-def _trim_metrics(path: Path, step: int) -> None:
+def _trim_metrics(path: Path, step: int, key: str = "step") -> None:
     """On resume, drop log lines written after the checkpoint, so metrics.jsonl has no duplicated steps."""
     if not path.exists():
         return
     keep = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
+            if json.loads(line).get(key, 0) <= step:
                 keep.append(line)
         except json.JSONDecodeError:  # a line cut off by the crash itself
             continue
