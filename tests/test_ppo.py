@@ -314,3 +314,20 @@ def test_reward_function_returning_wrong_count(pipeline, tmp_path):
     trainer.reward_fn = lambda prompts, completions: [1.0]
     with pytest.raises(UserError, match=r"returned 1 scores for 8 completions"):
         trainer._call_reward_fn(["p"] * 8, ["c"] * 8)
+
+
+def test_bf16_models_keep_fp32_heads_and_values(pipeline, tmp_path, monkeypatch):
+    """Pitfall 11: with a bf16 checkpoint dtype, the critic's and reward model's heads and the values stay fp32."""
+    monkeypatch.chdir(ROOT)
+    r = recipe.load(ROOT / "recipes/ppo.yaml", [f"output_dir={tmp_path / 'bf16'}", f"model.name_or_path={pipeline['sft']}",
+                                                f"reward.model={pipeline['rm']}", "model.dtype=bfloat16"])
+    wrapper = build(r, models.load_tokenizer(r.model))
+    assert wrapper.policy.dtype == torch.bfloat16
+    assert wrapper.critic.score.weight.dtype == torch.float32 and wrapper.critic.score.weight.requires_grad
+    assert wrapper.reward.score.weight.dtype == torch.float32 and not wrapper.reward.score.weight.requires_grad
+    ids = torch.tensor([[1, 400, 318, 401]])
+    mask, pos = torch.ones_like(ids), core.position_ids(torch.ones_like(ids))
+    with torch.no_grad():
+        _, values = wrapper(ids, mask, pos, mode="train")
+        scores = wrapper(ids, mask, pos, mode="reward")
+    assert values.dtype == torch.float32 and scores.dtype == torch.float32

@@ -9,6 +9,7 @@ from hfalign.ppo.models import (
     PolicyAndValue,
     adapter_base,
     disable_dropout,
+    fp32_score_head,
     freeze,
     is_adapter_dir,
     linear_head,
@@ -50,6 +51,9 @@ def _build_full(recipe: Recipe, tokenizer) -> PolicyAndValue:
         critic = models.load_sequence_classifier(m, q, tokenizer)
     for p in critic.parameters():
         p.requires_grad_(True)
+    for model in (critic, reward):
+        if model is not None:
+            fp32_score_head(model)
     return PolicyAndValue(policy, critic=critic, ref=freeze(ref), reward=reward)
 
 
@@ -85,12 +89,14 @@ def _build_shared(recipe: Recipe, tokenizer) -> PolicyAndValue:
         reward_head = freeze(linear_head(hidden, read_adapter_head(recipe.reward.model)))
     elif recipe.reward.model:
         reward_model = freeze(_seq_classifier(recipe, tokenizer, recipe.reward.model))
+        fp32_score_head(reward_model)
 
     value = recipe.value or ValueSection()
     if value.model or not value.shared_base:  # a critic of its own, outside the shared base
         critic = _seq_classifier(recipe, tokenizer, value.model or recipe.reward.model or m.name_or_path)
         for p in critic.parameters():
             p.requires_grad_(True)
+        fp32_score_head(critic)
         value_head, critic_model = None, critic
     else:
         critic_model = None

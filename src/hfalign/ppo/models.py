@@ -166,7 +166,7 @@ class PolicyAndValue(nn.Module):
 
 
 def _apply_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Call the head module (so ZeRO-3 gathers its weight); hfalign's own heads are fp32, so the values are too."""
+    """Call the head module (so ZeRO-3 gathers its weight); every head is fp32 (fp32_score_head), so are the values."""
     return head(hidden.to(head.weight.dtype)).float().squeeze(-1)
 
 
@@ -178,6 +178,34 @@ def linear_head(hidden_size: int, weight: torch.Tensor | None = None) -> nn.Line
         else:
             head.weight.copy_(weight.reshape(1, hidden_size).float())
     return head
+
+
+def fp32_score_head(model: nn.Module) -> None:
+    """Replace a scalar-head model's low-precision `score` head by an fp32 copy (pitfall 11: bf16 values are noisy).
+    Under ZeRO-3 the weight is partitioned at load time, so it is gathered for the copy."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(inner, name, None)
+        if not isinstance(head, nn.Linear) or head.weight.dtype == torch.float32:
+            continue
+        with _gathered(list(head.parameters())):
+            new = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, dtype=torch.float32)
+            with torch.no_grad():
+                new.weight.copy_(head.weight.float())
+                if head.bias is not None:
+                    new.bias.copy_(head.bias.float())
+        new.requires_grad_(head.weight.requires_grad)
+        setattr(inner, name, new)
+
+
+def _gathered(params):
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled() and any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+    return contextlib.nullcontext()
 
 
 def read_adapter_head(path: str) -> torch.Tensor | None:
