@@ -11,7 +11,6 @@ reward adapter trained on the SFT-merged base exactly: LoRA deltas add up.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 
 import torch
@@ -229,7 +228,3 @@ def adapter_base(path: str) -> str | None:
     with open(resolved, encoding="utf-8") as f:
         return (yaml.safe_load(f).get("model") or {}).get("adapter")
 
-
-def adapter_info(path: str) -> dict:
-    with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as f:
-        return json.load(f)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from safetensors.torch import save_file
 
 from hfalign.ppo.models import PolicyAndValue
@@ -49,8 +48,3 @@ def save_parts(wrapper: PolicyAndValue, state_dict: dict, output_dir: str, token
         save_file(_contiguous({k: v for k, v in state_dict.items() if k in trainable}),
                   os.path.join(output_dir, "trainable.safetensors"))
 
-
-def load_value_head(value_dir: str) -> torch.Tensor:
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(value_dir, "value_head.safetensors"))["weight"]
