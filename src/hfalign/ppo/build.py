@@ -14,6 +14,7 @@ from hfalign.ppo.models import (
     is_adapter_dir,
     linear_head,
     read_adapter_head,
+    train_policy_and_value_adapters,
 )
 from hfalign.recipe import Recipe, ValueSection
 
@@ -108,8 +109,6 @@ def _build_shared(recipe: Recipe, tokenizer) -> PolicyAndValue:
             policy.add_adapter("value", models.lora_config(lora, base, "CAUSAL_LM"))
             stacks["value"] = [*below, "value"]
             value_head = linear_head(hidden)
-    policy.base_model.set_adapter(stacks["policy"])
-    for name, p in policy.named_parameters():  # only the policy and value adapters train
-        p.requires_grad_(".default." in name or ".value." in name)
+    train_policy_and_value_adapters(policy)
     return PolicyAndValue(policy, critic=critic_model, reward=reward_model, value_head=value_head,
                           reward_head=reward_head, stacks=stacks)

@@ -164,6 +164,13 @@ class PolicyAndValue(nn.Module):
         return policy, value
 
 
+def train_policy_and_value_adapters(policy) -> None:
+    """Shared base: the policy adapter is active, and only the policy (`default`) and `value` adapters train."""
+    policy.base_model.set_adapter(["default"])
+    for name, p in policy.named_parameters():
+        p.requires_grad_(".default." in name or ".value." in name)
+
+
 def _apply_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Call the head module (so ZeRO-3 gathers its weight); every head is fp32 (fp32_score_head), so are the values."""
     return head(hidden.to(head.weight.dtype)).float().squeeze(-1)

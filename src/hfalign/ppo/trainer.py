@@ -376,7 +376,7 @@ def _assemble(policy, ref_model, reward_model, value_model, peft_config) -> Poli
     """TRL-style arguments -> PolicyAndValue. With peft_config the reference is the base with the adapter off."""
     import copy
 
-    from hfalign.ppo.models import disable_dropout, freeze, linear_head
+    from hfalign.ppo.models import disable_dropout, freeze, linear_head, train_policy_and_value_adapters
 
     if peft_config is not None:
         from peft import get_peft_model
@@ -389,9 +389,7 @@ def _assemble(policy, ref_model, reward_model, value_model, peft_config) -> Poli
             policy.add_adapter("value", copy.deepcopy(peft_config))
             stacks["value"] = ["value"]
             wrapper.value_head = linear_head(policy.config.get_text_config().hidden_size)
-            policy.base_model.set_adapter(["default"])
-            for name, prm in policy.named_parameters():
-                prm.requires_grad_(".default." in name or ".value." in name)
+            train_policy_and_value_adapters(policy)
     else:
         ref = freeze(ref_model if ref_model is not None else copy.deepcopy(policy))
         if value_model is None:
