@@ -331,3 +331,13 @@ def test_bf16_models_keep_fp32_heads_and_values(pipeline, tmp_path, monkeypatch)
         _, values = wrapper(ids, mask, pos, mode="train")
         scores = wrapper(ids, mask, pos, mode="reward")
     assert values.dtype == torch.float32 and scores.dtype == torch.float32
+
+
+def test_reward_stack_reuses_the_sft_adapter_however_its_path_is_spelled(lora_pipeline, tmp_path, monkeypatch):
+    monkeypatch.chdir(lora_pipeline["root"])
+    r = recipe.load(ROOT / "recipes/ppo.yaml", [f"output_dir={tmp_path / 'p'}", f"model.name_or_path={lora_pipeline['base']}",
+                                                "model.adapter=./sft/", f"reward.model={lora_pipeline['rm']}",
+                                                "lora.enabled=true", "lora.r=8", f"data.train={ROOT / 'data/ppo_prompts.jsonl'}",
+                                                f"data.eval={ROOT / 'data/ppo_eval_prompts.jsonl'}"])
+    wrapper = build(r, models.load_tokenizer(r.model))
+    assert wrapper.stacks["reward"] == ["ref", "reward"] and "rm_base" not in wrapper.policy.peft_config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from hfalign import models
 from hfalign.ppo.models import (
@@ -80,7 +81,7 @@ def _build_shared(recipe: Recipe, tokenizer) -> PolicyAndValue:
     if shared_reward:
         rm_base = adapter_base(recipe.reward.model)
         rm_below = []
-        if rm_base and rm_base == m.adapter:
+        if rm_base and m.adapter and os.path.realpath(rm_base) == os.path.realpath(m.adapter):
             rm_below = ["ref"]
         elif rm_base:
             policy.load_adapter(rm_base, adapter_name="rm_base", is_trainable=False)
