@@ -88,10 +88,10 @@ def worker_hfalign(sft: str, rm: str, episodes: int, out: str) -> dict:
 
 def worker_recipe(overrides: list[str]) -> dict:
     """A whole hfalign PPO stage from recipes/ppo.yaml (the memory runs)."""
-    from hfalign import recipe, stages
+    from hfalign import preflight, recipe, stages
 
     t0 = time.perf_counter()
-    stages.run(recipe.load(ROOT / "recipes/ppo.yaml", overrides))
+    stages.run(preflight.check(recipe.load(ROOT / "recipes/ppo.yaml", overrides)))
     return {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -144,7 +144,7 @@ def speed(episodes: int) -> None:
 def memory() -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from hfalign.tiny import build_tiny
+    from hfalign.demo.tiny import build_tiny
 
     print("== memory: ~100M-parameter LLaMA, 2 PPO updates of 8 prompts")
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,6 +9,11 @@ import pytest
 from hfalign import data
 from hfalign.errors import UserError
 from hfalign.recipe import DataSection
+from hfalign.stages import STAGES
+
+
+def load(section, stage):
+    return data.load(section, stage, STAGES[stage].FORMATS)
 
 
 def jsonl(path, rows):
@@ -37,10 +42,11 @@ MSGS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hel
 )
 def test_formats_detected_and_columns_kept(tmp_path, rows, stage, fmt, columns):
     section = DataSection(train=jsonl(tmp_path / "d.jsonl", rows * 3))
-    train, evalset = data.load(section, stage)
+    train, evalset = load(section, stage)
     assert sorted(train.column_names) == sorted(columns)
     assert len(train) == 3 and evalset is None
-    assert data.check_rows(data.read_rows(section.train, "train", None), section, stage, section.train)[1] == fmt
+    assert data.check_rows(data.read_rows(section.train, "train", None), section, stage, STAGES[stage].FORMATS,
+                           section.train)[1] == fmt
 
 
 def test_file_types_agree(tmp_path):
@@ -52,7 +58,7 @@ def test_file_types_agree(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(rows))
     src.to_csv(paths[2], index=False)
     src.to_parquet(paths[3])
-    loaded = [data.load(DataSection(train=p), "sft")[0].to_list() for p in paths]
+    loaded = [load(DataSection(train=p), "sft")[0].to_list() for p in paths]
     assert all(x == rows for x in loaded)
 
 
@@ -60,7 +66,7 @@ def test_renames_and_eval_fraction(tmp_path):
     rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(20)]
     section = DataSection(train=jsonl(tmp_path / "d.jsonl", rows), columns={"prompt": "question", "completion": "answer"},
                           eval_fraction=0.25)
-    train, evalset = data.load(section, "sft")
+    train, evalset = load(section, "sft")
     assert len(train) == 15 and len(evalset) == 5
     assert set(train.column_names) == {"prompt", "completion"}
     assert {r["prompt"] for r in train} | {r["prompt"] for r in evalset} == {f"q{i}" for i in range(20)}
@@ -85,7 +91,7 @@ def test_row_errors_name_file_and_line(tmp_path, lines, stage, needles):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError) as e:
-        data.load(DataSection(train=str(path)), stage)
+        load(DataSection(train=str(path)), stage)
     msg = e.value.format()
     assert str(path) in msg
     for needle in needles:
@@ -95,12 +101,12 @@ def test_row_errors_name_file_and_line(tmp_path, lines, stage, needles):
 def test_csv_and_json_rows_are_located(tmp_path):
     (tmp_path / "d.csv").write_text("prompt,completion\na,b\nc,\n")
     with pytest.raises(UserError, match="line 3"):  # header is line 1
-        data.load(DataSection(train=str(tmp_path / "d.csv")), "sft")
+        load(DataSection(train=str(tmp_path / "d.csv")), "sft")
     (tmp_path / "d.json").write_text(json.dumps([{"prompt": "a", "completion": "b"}, {"prompt": "a"}]))
     with pytest.raises(UserError, match="row 1"):
-        data.load(DataSection(train=str(tmp_path / "d.json")), "sft")
+        load(DataSection(train=str(tmp_path / "d.json")), "sft")
 
 
 def test_hub_id_offline_is_a_clear_error():
     with pytest.raises(UserError, match="could not load hub dataset 'nobody/nothing'"):
-        data.load(DataSection(train="nobody/nothing"), "sft")
+        load(DataSection(train="nobody/nothing"), "sft")

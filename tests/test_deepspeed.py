@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import ACCELERATE, ROOT, run
+from helpers import ACCELERATE, ROOT, read_jsonl, run
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -21,7 +19,7 @@ def test_zero3_sft_two_processes(write_recipe, sft_recipe, tiny_model, tmp_path)
     run([*ACCELERATE, "--config_file", str(ROOT / "accelerate_configs/zero3.yaml"), "--num_processes", "2",
          "--main_process_port", "29531", "-m", "hfalign", str(path)])
     out = tmp_path / "out"
-    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(out / "metrics.jsonl")
     train_end = next(r for r in records if "train_runtime" in r)
     assert train_end["step"] == 128 // (8 * 2)  # two processes really shared the data: world size 2
     saved = load_file(str(out / "model.safetensors"))
@@ -45,5 +43,5 @@ def test_two_simulated_nodes_with_the_multi_node_config(write_recipe, sft_recipe
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), outputs[0][-3000:] + outputs[1][-3000:]
-    records = [json.loads(ln) for ln in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(tmp_path / "out" / "metrics.jsonl")
     assert next(r for r in records if "train_runtime" in r)["step"] == 128 // (8 * 2)  # one world of 2 processes

@@ -6,14 +6,15 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, _cli_in_root, ppo_args
+from helpers import ROOT, load_shipped, ppo_args, read_jsonl, train_shipped
 from safetensors.torch import load_file
 
 from hfalign import models, recipe
 from hfalign.ppo import core
 from hfalign.ppo.build import build
 from hfalign.ppo.config import PPOConfig
-from hfalign.ppo.trainer import PPOTrainer, left_pad
+from hfalign.ppo.rollout import left_pad
+from hfalign.ppo.trainer import PPOTrainer
 
 ISSUE_KEYS = ["objective/kl", "objective/kl_coef", "objective/entropy", "objective/scores", "objective/rlhf_reward",
               "objective/non_score_reward", "policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg",
@@ -28,7 +29,7 @@ def api_trainer(pipeline, tmp_path, **overrides) -> PPOTrainer:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(pipeline["sft"], padding_side="left")
-    prompts = [json.loads(ln) for ln in (ROOT / "data/ppo_prompts.jsonl").read_text().splitlines()][:64]
+    prompts = read_jsonl(ROOT / "data/ppo_prompts.jsonl")[:64]
     kw = dict(output_dir=str(tmp_path / "api"), per_device_train_batch_size=8, num_mini_batches=2, num_ppo_epochs=2,
               total_episodes=32, response_length=16, temperature=1.0, report_to="none", save_strategy="no", seed=0,
               learning_rate=1e-3, local_rollout_forward_batch_size=16)
@@ -82,16 +83,16 @@ def test_rollout_reward_on_eos_and_masks_after_the_end(pipeline, tmp_path):
     r = trainer.rollout(q, m)
     eos = trainer.tokenizer.eos_token_id
     for i in range(8):
-        last = r["last"][i].item()
-        if r["has_eos"][i]:
-            assert r["responses"][i, last].item() == eos
-        assert (r["mask"][i, last + 1:] == 0).all() and (r["responses"][i, last + 1:] == trainer.tokenizer.pad_token_id).all()
+        last = r.last[i].item()
+        if r.has_eos[i]:
+            assert r.responses[i, last].item() == eos
+        assert (r.mask[i, last + 1:] == 0).all() and (r.responses[i, last + 1:] == trainer.tokenizer.pad_token_id).all()
         for key in ("logprobs", "ref_logprobs", "values"):
-            assert (r[key][i, last + 1:] == 0).all(), key
-    kl = core.kl_penalty(r["logprobs"], r["ref_logprobs"]) * r["mask"]
-    rewards, _ = core.token_rewards(r["scores"], kl, 0.05, r["last"], r["mask"])
-    adv, _ret = core.gae(rewards, r["values"], r["mask"], 1.0, 0.95)
-    assert ((rewards != 0) <= r["mask"].bool()).all() and ((adv != 0) <= r["mask"].bool()).all()
+            assert (getattr(r, key)[i, last + 1:] == 0).all(), key
+    kl = core.kl_penalty(r.logprobs, r.ref_logprobs) * r.mask
+    rewards, _ = core.token_rewards(r.scores, kl, 0.05, r.last, r.mask)
+    adv, _ret = core.gae(rewards, r.values, r.mask, 1.0, 0.95)
+    assert ((rewards != 0) <= r.mask.bool()).all() and ((adv != 0) <= r.mask.bool()).all()
 
 
 def test_optimizer_steps_counted_with_minibatches_and_accumulation(pipeline, tmp_path):
@@ -105,14 +106,14 @@ def test_optimizer_steps_counted_with_minibatches_and_accumulation(pipeline, tmp
 
 
 def test_function_reward(pipeline, tmp_path):
-    from hfalign.task import objective
+    from hfalign.demo.task import objective
 
     out = tmp_path / "fn"
-    code, _, err = _cli_in_root("train", "recipes/ppo.yaml", *ppo_args(pipeline, out, "reward.model=null",
-                                "reward.function=hfalign.task:positivity_reward", "train.total_episodes=64",
+    code, _, err = train_shipped("ppo.yaml", *ppo_args(pipeline, out, "reward.model=null",
+                                "reward.function=hfalign.demo.task:positivity_reward", "train.total_episodes=64",
                                 "train.missing_eos_penalty=null"))
     assert code == 0, err[-3000:]
-    rows = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
+    rows = read_jsonl(out / "samples.jsonl")
     assert rows and all(r["score"] == pytest.approx(objective(r["completion"]), abs=1e-6) for r in rows)
     critic = load_file(str(out / "value" / "model.safetensors"))  # no RM to start from: critic = SFT + new head
     assert "score.weight" in critic
@@ -123,9 +124,9 @@ def test_ppo_stage_end_to_end(pipeline, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     out = tmp_path / "ppo"
-    code, stdout, err = _cli_in_root("train", "recipes/ppo.yaml", *ppo_args(pipeline, out))
+    code, stdout, err = train_shipped("ppo.yaml", *ppo_args(pipeline, out))
     assert code == 0, err[-3000:]
-    logs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    logs = read_jsonl(out / "metrics.jsonl")
     updates = [r for r in logs if "objective/kl" in r]
     assert len(updates) == 4  # 128 episodes / 32 per update
     for key in ISSUE_KEYS:
@@ -144,19 +145,18 @@ def test_ppo_stage_end_to_end(pipeline, tmp_path):
 
 
 def shared_recipe(lora_pipeline, tmp_path, *extra):
-    return recipe.load(ROOT / "recipes/ppo.yaml", [f"output_dir={tmp_path / 'lora'}",
-                       f"model.name_or_path={lora_pipeline['base']}", f"model.adapter={lora_pipeline['sft']}",
-                       f"reward.model={lora_pipeline['rm']}", "lora.enabled=true", "lora.r=8", *extra])
+    return load_shipped("ppo.yaml", f"output_dir={tmp_path / 'lora'}", f"model.name_or_path={lora_pipeline['base']}",
+                        f"model.adapter={lora_pipeline['sft']}", f"reward.model={lora_pipeline['rm']}", "lora.enabled=true",
+                        "lora.r=8", *extra)
 
 
 def base_numel(module) -> int:
     return sum(p.numel() for n, p in module.named_parameters() if "lora_" not in n and "head" not in n and "score" not in n)
 
 
-def test_lora_shared_base_holds_one_copy(lora_pipeline, tmp_path, monkeypatch):
+def test_lora_shared_base_holds_one_copy(lora_pipeline, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.chdir(ROOT)
     r = shared_recipe(lora_pipeline, tmp_path)
     tok = models.load_tokenizer(r.model)
     wrapper = build(r, tok)
@@ -188,7 +188,7 @@ def test_lora_shared_base_trains_and_saves_adapters(lora_pipeline, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora_run"
-    code, _, err = _cli_in_root("train", "recipes/ppo.yaml", f"output_dir={out}",
+    code, _, err = train_shipped("ppo.yaml", f"output_dir={out}",
                                 f"model.name_or_path={lora_pipeline['base']}", f"model.adapter={lora_pipeline['sft']}",
                                 f"reward.model={lora_pipeline['rm']}", "lora.enabled=true", "lora.r=8",
                                 "train.total_episodes=128", "train.num_eval_prompts=8", "train.learning_rate=1e-2")
@@ -223,10 +223,10 @@ def test_score_shaping(pipeline, tmp_path):
 def test_default_pipeline_does_what_the_readme_says(pipeline, tmp_path):
     """The embedded default: a well-formed SFT policy, an RM well above chance, and PPO that beats SFT on the
     rule-based objective while staying well-formed with bounded KL (the full recipes/ppo.yaml budget)."""
-    rm_eval = [json.loads(ln) for ln in (pipeline["rm"] / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in ln]
+    rm_eval = read_jsonl(pipeline["rm"] / "metrics.jsonl", having="eval_accuracy")
     assert rm_eval[-1]["eval_accuracy"] > 0.9
     out = tmp_path / "ppo"
-    code, _, err = _cli_in_root("train", "recipes/ppo.yaml", f"output_dir={out}",
+    code, _, err = train_shipped("ppo.yaml", f"output_dir={out}",
                                 f"model.name_or_path={pipeline['sft']}", f"reward.model={pipeline['rm']}")
     assert code == 0, err[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -239,9 +239,8 @@ def test_default_pipeline_does_what_the_readme_says(pipeline, tmp_path):
     assert before["kl"] == 0.0  # the reference against itself
 
 
-def test_lora_critic_of_its_own(lora_pipeline, tmp_path, monkeypatch):
+def test_lora_critic_of_its_own(lora_pipeline, tmp_path):
     """value.shared_base: false gives the critic its own (merged) model beside the shared policy base."""
-    monkeypatch.chdir(ROOT)
     r = shared_recipe(lora_pipeline, tmp_path, "value.shared_base=false")
     wrapper = build(r, models.load_tokenizer(r.model))
     assert wrapper.critic is not None and "value" not in wrapper.policy.peft_config
@@ -255,7 +254,7 @@ def test_api_with_peft_config(pipeline, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(pipeline["sft"], padding_side="left")
-    prompts = [json.loads(ln) for ln in (ROOT / "data/ppo_prompts.jsonl").read_text().splitlines()][:32]
+    prompts = read_jsonl(ROOT / "data/ppo_prompts.jsonl")[:32]
     args = PPOConfig(output_dir=str(tmp_path / "peft"), per_device_train_batch_size=8, num_mini_batches=2,
                      total_episodes=16, response_length=12, report_to="none", save_strategy="no", learning_rate=1e-2)
     trainer = PPOTrainer(args=args, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(pipeline["sft"]),
@@ -273,11 +272,11 @@ def test_api_with_peft_config(pipeline, tmp_path):
 
 def test_kl_guard_stops_and_saves(pipeline, tmp_path):
     out = tmp_path / "guarded"
-    code, stdout, err = _cli_in_root("train", "recipes/ppo.yaml", *ppo_args(pipeline, out, "train.total_episodes=512",
+    code, stdout, err = train_shipped("ppo.yaml", *ppo_args(pipeline, out, "train.total_episodes=512",
                                      "train.learning_rate=3e-3", "train.save_steps=1000",
                                      "callbacks=[metrics, {name: kl_guard, max_kl: 0.01, action: stop}]"))
     assert code == 0, err[-3000:]
-    updates = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "objective/kl" in ln]
+    updates = read_jsonl(out / "metrics.jsonl", having="objective/kl")
     assert updates[-1]["objective/kl"] > 0.01 and all(u["objective/kl"] <= 0.01 for u in updates[:-1])
     assert len(updates) < 8  # stopped before the 8 updates it was given
     assert (out / f"checkpoint-{len(updates)}" / "hfalign_ppo_state.json").exists()  # saved when it stopped
@@ -316,11 +315,10 @@ def test_reward_function_returning_wrong_count(pipeline, tmp_path):
         trainer._call_reward_fn(["p"] * 8, ["c"] * 8)
 
 
-def test_bf16_models_keep_fp32_heads_and_values(pipeline, tmp_path, monkeypatch):
+def test_bf16_models_keep_fp32_heads_and_values(pipeline, tmp_path):
     """Pitfall 11: with a bf16 checkpoint dtype, the critic's and reward model's heads and the values stay fp32."""
-    monkeypatch.chdir(ROOT)
-    r = recipe.load(ROOT / "recipes/ppo.yaml", [f"output_dir={tmp_path / 'bf16'}", f"model.name_or_path={pipeline['sft']}",
-                                                f"reward.model={pipeline['rm']}", "model.dtype=bfloat16"])
+    r = load_shipped("ppo.yaml", f"output_dir={tmp_path / 'bf16'}", f"model.name_or_path={pipeline['sft']}",
+                     f"reward.model={pipeline['rm']}", "model.dtype=bfloat16")
     wrapper = build(r, models.load_tokenizer(r.model))
     assert wrapper.policy.dtype == torch.bfloat16
     assert wrapper.critic.score.weight.dtype == torch.float32 and wrapper.critic.score.weight.requires_grad

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import ACCELERATE, PYTHON, ROOT, ppo_args, run
+from helpers import ACCELERATE, PYTHON, ROOT, ppo_args, read_jsonl, run
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ def test_deepspeed_ppo_two_processes(pipeline, tmp_path, config, port):
 
     out = tmp_path / "ppo"
     launch(config, port, ppo_args(pipeline, out, "train.per_device_train_batch_size=8"))
-    updates = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "objective/kl" in ln]
+    updates = read_jsonl(out / "metrics.jsonl", having="objective/kl")
     assert [u["episode"] for u in updates] == [32, 64, 96, 128]  # 2 processes x 16 prompts per update
     sft, ppo = load_file(str(pipeline["sft"] / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert ppo.keys() == sft.keys() and all(ppo[k].shape == sft[k].shape for k in sft)  # full weights, gathered
@@ -73,7 +73,7 @@ def test_killed_run_resumes_with_the_same_command(pipeline, tmp_path):
 
     resumed = run(cmd)
     assert "resuming ppo from" in resumed.stdout
-    updates = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "objective/kl" in ln]
+    updates = read_jsonl(out / "metrics.jsonl", having="objective/kl")
     steps = [u["step"] for u in updates]
     assert steps == list(range(1, 81)), "each update logged once, none lost or repeated"
     episodes = [u["episode"] for u in updates]
@@ -82,7 +82,7 @@ def test_killed_run_resumes_with_the_same_command(pipeline, tmp_path):
     assert first_resumed["objective/kl"] != 0.0  # the policy weights came back (an SFT policy has KL 0 exactly)
     assert saved["kl_coef"] != 0.05  # adaptive KL had moved, and was checkpointed
     assert (out / "hfalign_done.json").exists()
-    sampled = [json.loads(ln)["update"] for ln in (out / "samples.jsonl").read_text().splitlines()]
+    sampled = [r["update"] for r in read_jsonl(out / "samples.jsonl")]
     assert sampled == sorted(sampled)  # the sample table was trimmed at the checkpoint, not appended twice
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, cli
+from helpers import ROOT, cli, shipped
 
-from hfalign import recipe
+from hfalign import preflight, recipe
 
 
 def test_extends_chain_deep_merges(write_recipe, sft_recipe):
@@ -35,8 +35,10 @@ def test_overrides_parse_yaml_values(write_recipe, sft_recipe):
     r = recipe.load(write_recipe(sft_recipe), ["lora.enabled=true", "lora.r=4", "lora.target_modules=[q_proj,v_proj]",
                                                "train.learning_rate=2e-4", "data.columns={prompt: question}"])
     assert r.lora.enabled is True and r.lora.r == 4 and r.lora.target_modules == ["q_proj", "v_proj"]
-    assert r.train["learning_rate"] == pytest.approx(2e-4)
     assert r.data.columns == {"prompt": "question"}
+    assert r.train["learning_rate"] == "2e-4"  # the schema leaves train: to the stage's config class, which types it
+    r = preflight.check(recipe.load(write_recipe(sft_recipe), ["train.learning_rate=2e-4"])).recipe
+    assert r.train["learning_rate"] == pytest.approx(2e-4)
 
 
 def test_show_prints_resolved_recipe(write_recipe, sft_recipe):
@@ -56,9 +58,8 @@ def test_schema_documents_every_section():
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_recipe_validates(path: Path, tiny_model, tmp_path, monkeypatch):
+def test_every_shipped_recipe_validates(path: Path, tiny_model, tmp_path):
     """Templates must not rot: each loads and validates (model dirs pointed at a freshly built tiny model)."""
-    monkeypatch.chdir(ROOT)
     tree = recipe.load_tree(path)
     overrides = [f"model.name_or_path={tiny_model}", f"output_dir={tmp_path / 'out'}"]
     if tree.get("model", {}).get("adapter"):
@@ -68,5 +69,5 @@ def test_every_shipped_recipe_validates(path: Path, tiny_model, tmp_path, monkey
         overrides.append(f"reward.model={tiny_model}")
     if (tree.get("value") or {}).get("model"):
         overrides.append(f"value.model={tiny_model}")
-    code, _out, err = cli("validate", str(path), *overrides)
+    code, _out, err = cli("validate", *shipped(str(path.relative_to(ROOT / "recipes"))), *overrides)
     assert code == 0, err

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from conftest import cli
+from helpers import cli, read_jsonl
 from safetensors.torch import load_file
 
 SMALL = {"data.max_rows=96", "train.per_device_train_batch_size=16", "train.logging_steps=2", "train.save_strategy=steps",
@@ -39,7 +39,7 @@ def test_sft_full_then_rm_full(write_recipe, sft_recipe, tiny_model, data_dir, t
     sft_out = Path(sft_recipe["output_dir"])
     train(write_recipe, sft_recipe)
     assert_changed(weights(tiny_model), weights(sft_out))
-    lines = [json.loads(ln) for ln in (sft_out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_jsonl(sft_out / "metrics.jsonl")
     assert any("loss" in ln for ln in lines) and any("eval_loss" in ln for ln in lines)
     assert yaml.safe_load((sft_out / "recipe.resolved.yaml").read_text())["stage"] == "sft"
     assert json.loads((sft_out / "versions.json").read_text())["trl"]
@@ -55,7 +55,7 @@ def test_sft_full_then_rm_full(write_recipe, sft_recipe, tiny_model, data_dir, t
     rm_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     assert rm_model.config.num_labels == 1
     assert_changed(weights(sft_out), weights(tmp_path / "rm"), prefix="model.layers")
-    logged = [json.loads(ln) for ln in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    logged = read_jsonl(tmp_path / "rm" / "metrics.jsonl")
     assert any("eval_accuracy" in ln for ln in logged)
 
 
@@ -94,7 +94,7 @@ def test_refuses_clobber_and_resumes(write_recipe, sft_recipe):
         shutil.rmtree(extra)
     out_text = train(write_recipe, sft_recipe)
     assert f"resuming sft from {ckpts[0]}" in out_text
-    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(out / "metrics.jsonl")
     steps = [r["step"] for r in records if "loss" in r]  # per-step train logs (not eval_loss, not train_loss)
     assert len(steps) == len(set(steps)), f"duplicated train log steps after resume: {steps}"
     assert steps[0] < int(ckpts[0].name.split("-")[1]) < steps[-1]  # logs from before and after the crash survive
@@ -123,7 +123,7 @@ def test_qlora_sft_stage(write_recipe, sft_recipe, tiny_model):
 
 def test_messages_sft_with_tensorboard(write_recipe, sft_recipe, data_dir, tmp_path):
     """Conversational rows through the tokenizer's chat template, and report_to: tensorboard writing events."""
-    rows = [json.loads(ln) for ln in (data_dir / "sft_train.jsonl").read_text().splitlines()][:64]
+    rows = read_jsonl(data_dir / "sft_train.jsonl")[:64]
     convo = tmp_path / "convo.jsonl"
     convo.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
                                                       {"role": "assistant", "content": r["completion"].strip()}]}) + "\n"
@@ -132,7 +132,7 @@ def test_messages_sft_with_tensorboard(write_recipe, sft_recipe, data_dir, tmp_p
     out = Path(sft_recipe["output_dir"])
     train(write_recipe, sft_recipe, "train.report_to=[tensorboard]")
     assert list((out / "runs").rglob("events.out.tfevents.*")), "no tensorboard event file"
-    assert any("loss" in json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines())
+    assert any("loss" in r for r in read_jsonl(out / "metrics.jsonl"))
 
 
 def test_resume_trims_metrics_including_a_line_cut_by_the_crash(tmp_path):
@@ -141,4 +141,4 @@ def test_resume_trims_metrics_including_a_line_cut_by_the_crash(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 2, "loss": 1}\n{"step": 4, "loss": 0.9}\n{"step": 6, "loss": 0.8}\n{"step": 8, "lo')
     _trim_metrics(path, 4)
-    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [2, 4]
+    assert [r["step"] for r in read_jsonl(path)] == [2, 4]

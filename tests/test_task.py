@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
+from helpers import ROOT, read_jsonl
 
-from conftest import ROOT
-
-from hfalign import task
+from hfalign.demo import task
 
 
 def test_shipped_data_is_what_the_generator_writes(tmp_path):
@@ -25,7 +23,7 @@ def test_rule_scores():
 
 
 def test_preferences_agree_with_the_rule():
-    rows = [json.loads(ln) for ln in (ROOT / "data/rm_train.jsonl").read_text().splitlines()]
+    rows = read_jsonl(ROOT / "data/rm_train.jsonl")
     assert all(task.objective(r["chosen"]) > task.objective(r["rejected"]) for r in rows)
     eval_titles = set(task.titles("eval"))
     assert not any(r["prompt"][len("Write a review of "):-1] in eval_titles for r in rows)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import PYTHON, ROOT, cli, run
+from helpers import PYTHON, ROOT, cli, run
 
 
 def assert_user_error(code, out, err, *needles):
@@ -168,11 +168,11 @@ def pipeline_free_dirs(tiny_model):
     "mutate, needles",
     [
         (lambda r: r.pop("reward"), ["'reward' section is required for stage ppo"]),
-        (lambda r: r["reward"].update(function="hfalign.task:objective"), ["exactly one of 'model' or 'function'"]),
+        (lambda r: r["reward"].update(function="hfalign.demo.task:objective"), ["exactly one of 'model' or 'function'"]),
         (lambda r: r.update(reward={"function": "no_such_pkg.mod:fn"}), ["'reward.function'", "cannot import module"]),
-        (lambda r: r.update(reward={"function": "hfalign.task:nope"}), ["has no function 'nope'"]),
+        (lambda r: r.update(reward={"function": "hfalign.demo.task:nope"}), ["has no function 'nope'"]),
         (lambda r: r.update(reward={"function": "not a spec"}), ["expected 'package.module:function'"]),
-        (lambda r: r.update(summary={"objective": "hfalign.task:missing"}), ["'summary.objective'", "has no function"]),
+        (lambda r: r.update(summary={"objective": "hfalign.demo.task:missing"}), ["'summary.objective'", "has no function"]),
         (lambda r: r["reward"].update(model="/no/rm"), ["'reward.model' directory '/no/rm' does not exist"]),
         (lambda r: r["train"].update(kl_estimator="k2"), ["'train.kl_estimator' must be one of 'k1', 'k3'"]),
         (lambda r: r["train"].update(cliprange=-0.1), ["'train.cliprange' must be >= 0"]),

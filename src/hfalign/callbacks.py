@@ -14,6 +14,10 @@ from transformers import TrainerCallback
 
 from hfalign.errors import UserError
 
+# Files callbacks append to in the run directory, each with the record key that holds its step: on resume the run
+# directory trims them back to the checkpoint, so no step is logged twice.
+LOG_FILES = {"metrics.jsonl": "step", "samples.jsonl": "update"}
+
 
 def _fmt(value) -> str:
     if isinstance(value, float):

@@ -18,7 +18,7 @@ import sys
 
 import yaml
 
-from hfalign.errors import UserError, located
+from hfalign.errors import UserError
 
 COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data")
 
@@ -39,33 +39,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def validate(path: str, overrides: list[str]):
-    """Everything checkable before a model loads: schema, train config, files, rows, remote code, callbacks."""
-    from hfalign import callbacks, data, models, recipe
+    """Everything checkable before a model loads (preflight.check): the checked recipe and its data rows."""
+    from hfalign import preflight, recipe
 
-    r = recipe.load(path, overrides)
-    with located(path):
-        models.check_model(r.model)
-        if r.model.adapter:
-            models.check_adapter_base(r.model.adapter, r.model.name_or_path, "model.adapter")
-        if r.reward and r.reward.model and r.lora.enabled:
-            models.check_adapter_base(r.reward.model, r.model.name_or_path, "reward.model")
-        rows = data.check(r.data, r.stage)
-        callbacks.check(r)
-        if r.stage == "ppo" and rows is not None:
-            _check_ppo_plan(r, rows)
-    return r
-
-
-def _check_ppo_plan(r, rows: int) -> None:
-    """PPO's batch arithmetic against the prompts and the process count this launch has."""
-    from hfalign.ppo.config import plan, plan_problem
-    from hfalign.recipe import build_train_args
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    problem = plan_problem(plan(build_train_args(r, probe=True), world, rows), rows)
-    if problem:
-        raise UserError(f"PPO batch does not fit the data: {problem}.",
-                        fix="lower train.per_device_train_batch_size or train.num_mini_batches, or add prompts")
+    return preflight.check(recipe.load(path, overrides))
 
 
 def _run(argv: list[str]) -> int:
@@ -80,17 +57,18 @@ def _run(argv: list[str]) -> int:
         print("train.*  fields of the stage's config class (trl.SFTConfig, trl.RewardConfig, hfalign PPOConfig)")
         return 0
     if args.command == "build-tiny":
-        from hfalign.tiny import build_tiny
+        from hfalign.demo.tiny import build_tiny
 
         print(f"built {build_tiny(args.dir)}")
         return 0
     if args.command == "make-data":
-        from hfalign.task import write_data
+        from hfalign.demo.task import write_data
 
         for path in write_data(args.dir):
             print(f"wrote {path}")
         return 0
-    r = validate(args.recipe, args.overrides)
+    checked = validate(args.recipe, args.overrides)
+    r = checked.recipe
     if args.command == "validate":
         print(f"ok: {args.recipe} is a valid {r.stage} recipe (output_dir {r.output_dir})")
         return 0
@@ -101,7 +79,7 @@ def _run(argv: list[str]) -> int:
         return 0
     from hfalign import stages
 
-    stages.run(r)
+    stages.run(checked)
     return 0
 
 

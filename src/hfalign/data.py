@@ -1,7 +1,9 @@
 """Datasets: local jsonl/json/parquet/csv files or hub ids, renamed and checked row by row against a format.
 
 Every malformed row fails with the file and the line (jsonl, csv) or row index (json, parquet), before any model
-loads. Output datasets keep only the format's columns, so TRL's trainers see exactly what they expect.
+loads. Output datasets keep only the format's columns, so TRL's trainers see exactly what they expect. Which formats
+a stage takes is the stage's own declaration (`FORMATS` in stages/<stage>.py); local files are read and checked once,
+by preflight (`check`), and `load` builds the datasets from those rows.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ FORMATS = {  # format: (required columns, optional columns)
     "preference": (("chosen", "rejected"), ("prompt",)),
     "prompt": (("prompt",), ()),
 }
-STAGE_FORMATS = {"sft": ("messages", "prompt_completion", "text"), "rm": ("preference",), "ppo": ("prompt",)}
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -79,7 +80,7 @@ def _read_hub(name: str, split: str, subset: str | None) -> list[dict]:
 
 
 def read_rows(source: str, split: str, subset: str | None) -> list[dict]:
-    if source.endswith(DATA_SUFFIXES) or os.path.exists(source):
+    if _is_local(source):
         return _read_local(source)[0]
     return _read_hub(source, split, subset)
 
@@ -106,23 +107,24 @@ def _check_text(value, source, row, col, conversational_ok: bool) -> None:
         raise _bad(source, row, f"'{col}' is empty.", f"remove the row or fill in '{col}'")
 
 
-def detect_format(row: dict, stage: str, source: str) -> str:
-    for fmt in STAGE_FORMATS[stage]:
+def detect_format(row: dict, stage: str, formats: tuple[str, ...], source: str) -> str:
+    for fmt in formats:
         if all(c in row for c in FORMATS[fmt][0]):
             return fmt
-    wanted = " or ".join("+".join(FORMATS[f][0]) for f in STAGE_FORMATS[stage])
+    wanted = " or ".join("+".join(FORMATS[f][0]) for f in formats)
     cols = ", ".join(k for k in row if k != "__pos__")
     raise UserError(f"{row['__pos__']}: has columns [{cols}]; stage {stage!r} needs {wanted}.", where=source,
                     fix="rename columns with data.columns (hfalign name: your column) or set data.format")
 
 
-def check_rows(rows: list[dict], section: DataSection, stage: str, source: str) -> tuple[list[dict], str]:
+def check_rows(rows: list[dict], section: DataSection, stage: str, formats: tuple[str, ...],
+               source: str) -> tuple[list[dict], str]:
     """Rename, detect the format, check every row; return clean rows holding only the format's columns."""
     if not rows:
         raise UserError("has no rows.", where=source, fix="point data at a non-empty file")
-    fmt = section.format if section.format != "auto" else detect_format(_renamed(rows[0], section), stage, source)
-    if fmt not in STAGE_FORMATS[stage]:
-        raise UserError(f"data.format {fmt!r} does not fit stage {stage!r}.", fix=f"use one of {', '.join(STAGE_FORMATS[stage])}")
+    fmt = section.format if section.format != "auto" else detect_format(_renamed(rows[0], section), stage, formats, source)
+    if fmt not in formats:
+        raise UserError(f"data.format {fmt!r} does not fit stage {stage!r}.", fix=f"use one of {', '.join(formats)}")
     required, optional = FORMATS[fmt]
     clean = []
     for raw in rows:
@@ -154,29 +156,34 @@ def _renamed(row: dict, section: DataSection) -> dict:
     return out
 
 
-def load(section: DataSection, stage: str):
-    """(train, eval) as datasets.Dataset; eval is None when neither data.eval nor data.eval_fraction is set."""
+def _is_local(source: str) -> bool:
+    return source.endswith(DATA_SUFFIXES) or os.path.exists(source)
+
+
+def _checked(section: DataSection, stage: str, formats: tuple[str, ...], key: str) -> list[dict]:
+    source, split = (section.train, section.split) if key == "train" else (section.eval, section.eval_split)
+    rows, _fmt = check_rows(read_rows(source, split, section.subset), section, stage, formats, source)
+    return rows[: section.max_rows] if key == "train" and section.max_rows else rows
+
+
+def check(section: DataSection, stage: str, formats: tuple[str, ...]) -> dict[str, list[dict] | None]:
+    """Read and check the local files now (what `hfalign validate` reports); hub sets are read by `load`.
+    Returns {"train": rows, "eval": rows}, None where the source is a hub set or absent."""
+    return {key: _checked(section, stage, formats, key) if source and _is_local(source) else None
+            for key, source in (("train", section.train), ("eval", section.eval))}
+
+
+def load(section: DataSection, stage: str, formats: tuple[str, ...], checked: dict | None = None):
+    """(train, eval) as datasets.Dataset, from the rows `check` returned (local files are not read twice) or from
+    the hub; eval is None when neither data.eval nor data.eval_fraction is set."""
     import datasets
 
-    rows, _fmt = check_rows(read_rows(section.train, section.split, section.subset), section, stage, section.train)
-    if section.max_rows:
-        rows = rows[: section.max_rows]
+    checked = checked or {}
+    rows = checked.get("train") or _checked(section, stage, formats, "train")
     train = datasets.Dataset.from_list(rows)
     if section.eval:
-        eval_rows, _ = check_rows(read_rows(section.eval, section.eval_split, section.subset), section, stage, section.eval)
-        return train, datasets.Dataset.from_list(eval_rows)
+        return train, datasets.Dataset.from_list(checked.get("eval") or _checked(section, stage, formats, "eval"))
     if section.eval_fraction:
         split = train.train_test_split(test_size=section.eval_fraction, seed=section.seed)
         return split["train"], split["test"]
     return train, None
-
-
-def check(section: DataSection, stage: str) -> int | None:
-    """Row-level checks of local files, for `hfalign validate` (hub sets are checked when loaded).
-    Returns the number of training rows when the training data is local."""
-    counts = {}
-    for key, source, split in (("train", section.train, section.split), ("eval", section.eval, section.eval_split)):
-        if source and (source.endswith(DATA_SUFFIXES) or os.path.exists(source)):
-            counts[key] = len(check_rows(read_rows(source, split, section.subset), section, stage, source)[0])
-    train = counts.get("train")
-    return min(train, section.max_rows) if train is not None and section.max_rows else train

@@ -1,6 +1,6 @@
 """Tokenizer and model loading: LLaMA family, native GLM/GLM-4, ChatGLM2/3 (remote code), LoRA, QLoRA.
 
-Per-family defaults live here and nowhere else: LoRA target modules and the pad-token rule (a pad distinct from
+Per-family facts live in one table, FAMILIES, and nowhere else; so does the pad-token rule (a pad distinct from
 EOS, so EOS stays a learnable token: arXiv 2403.17031).
 """
 
@@ -9,19 +9,55 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import dataclass
+from typing import Literal
 
 from hfalign.errors import UserError
 from hfalign.recipe import LoraSection, ModelSection, QuantizationSection
 
-# ChatGLM2/3 fuse q/k/v into query_key_value; its LM head is called output_layer, which "all-linear" would not
-# recognise as a head (PEFT excludes only `lm_head`-like names), so name the targets explicitly.
-CHATGLM_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What hfalign must know about one model family (a config's `model_type`)."""
+
+    lora_targets: tuple[str, ...] | str = "all-linear"  # default LoRA target modules (lora.target_modules: null)
+    head: str = "score"  # attribute name of the *ForSequenceClassification scalar head
+    hidden_layout: Literal["batch_first", "seq_first"] = "batch_first"  # the backbone's last_hidden_state
+    padding_side: Literal["left"] | None = None  # a constraint of the family's tokenizer, if it has one
+    stop_tokens: tuple[str, ...] = ()  # end-of-turn tokens that end a response besides EOS, where the vocab has them
+    chat_template: str = ""  # how the family's chat template is handled
+
+
+FAMILIES = {
+    "llama": Family(stop_tokens=("<|eot_id|>",),  # LLaMA-3 chat ends a turn with <|eot_id|>, not <|end_of_text|>
+                    chat_template="the tokenizer's own; LLaMA-2/3 ship no pad token (a distinct one is added)"),
+    "glm": Family(stop_tokens=("<|user|>", "<|observation|>"), chat_template="the tokenizer's own ([gMASK]<sop> prefix)"),
+    "glm4": Family(stop_tokens=("<|user|>", "<|observation|>"), chat_template="the tokenizer's own ([gMASK]<sop> prefix)"),
+    # ChatGLM2/3 (remote code): q/k/v fused into query_key_value; the LM head is `output_layer`, which "all-linear"
+    # would not recognise as a head (PEFT excludes only lm_head-like names), so the targets are named. Its
+    # transformer returns [seq, batch, hidden] and its tokenizer pads on the left only (trlx#474).
+    "chatglm": Family(lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"), head="classifier_head",
+                      hidden_layout="seq_first", padding_side="left", stop_tokens=("<|user|>", "<|observation|>"),
+                      chat_template="the remote code's build_chat_input; not a Jinja template"),
+}
+OTHER = Family()  # architectures outside the table: transformers' conventions
+
+
+def family(model_type: str | None) -> Family:
+    return FAMILIES.get(model_type or "", OTHER)
+
+
+def family_of(model) -> Family:
+    """The family of a model (through a PeftModel too)."""
+    return family(getattr(getattr(model, "config", None), "model_type", None))
 
 
 def lora_targets(model_type: str) -> list[str] | str:
     """Default LoRA target modules for a config's model_type."""
-    return CHATGLM_TARGETS if model_type == "chatglm" else "all-linear"
+    targets = family(model_type).lora_targets
+    return targets if isinstance(targets, str) else list(targets)
 
 
 def _local_config(path: str) -> dict | None:

@@ -1,6 +1,9 @@
 """The recipe: one YAML file per run, parsed into typed sections. Every field is documented once, here.
 
-    recipe.yaml --(extends chain, deep merge)--> --(dotted overrides)--> typed Recipe --> validate_train()
+    recipe.yaml --(extends chain, deep merge)--> --(dotted overrides)--> typed Recipe
+
+This module is the schema only: it imports no stage and nothing of PPO. The checks that need a stage (its config
+class, its data formats, its own rules) run in preflight.py, which `hfalign validate` and `hfalign train` call.
 
 Relative paths inside a recipe (data files, model directories, output_dir) are relative to the working directory,
 as for every Hugging Face script; `extends:` alone is relative to the recipe that names it.
@@ -20,8 +23,6 @@ import yaml
 from hfalign.errors import UserError, located
 from hfalign.schema import check_keys, check_value, doc, field_types, parse_into
 
-STAGES = ("sft", "rm", "ppo")
-PPO_SECTIONS = ("reward", "value", "summary")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -205,7 +206,7 @@ def import_function(spec: str, where: str):
     import importlib
 
     if not re.match(r"^[\w.]+:\w+$", spec):
-        raise UserError(f"'{where}' is {spec!r}; expected 'package.module:function'.", fix="e.g. hfalign.task:positivity_reward")
+        raise UserError(f"'{where}' is {spec!r}; expected 'package.module:function'.", fix="e.g. hfalign.demo.task:positivity_reward")
     module_name, _, name = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -219,15 +220,17 @@ def import_function(spec: str, where: str):
 
 @dataclass
 class Recipe:
-    stage: Literal["sft", "rm", "ppo"] = field(metadata=doc("Which stage this recipe runs."))
+    stage: str = field(metadata=doc("Which stage this recipe runs: sft | rm | ppo (the keys of hfalign.stages.STAGES)."))
     output_dir: str = field(metadata=doc("Run directory: model, checkpoints, metrics.jsonl, recipe.resolved.yaml."))
     model: ModelSection = field(metadata=doc("The base model and tokenizer."))
     data: DataSection = field(metadata=doc("Datasets."))
     lora: LoraSection = field(default_factory=LoraSection, metadata=doc("LoRA through PEFT."))
     quantization: QuantizationSection = field(default_factory=QuantizationSection, metadata=doc("bitsandbytes loading."))
-    reward: RewardSection | None = field(default=None, metadata=doc("PPO: reward model or function.", section=RewardSection))
-    value: ValueSection | None = field(default=None, metadata=doc("PPO: value model.", section=ValueSection))
-    summary: SummarySection | None = field(default=None, metadata=doc("PPO: rule checks for the before/after summary.", section=SummarySection))
+    reward: RewardSection | None = field(default=None, metadata=doc("PPO: reward model or function.", section=RewardSection,
+                                                                    stages=("ppo",)))
+    value: ValueSection | None = field(default=None, metadata=doc("PPO: value model.", section=ValueSection, stages=("ppo",)))
+    summary: SummarySection | None = field(default=None, metadata=doc("PPO: rule checks for the before/after summary.",
+                                                                      section=SummarySection, stages=("ppo",)))
     train: dict[str, Any] = field(
         default_factory=dict, metadata=doc("Fields of the stage's config class: SFTConfig, RewardConfig, hfalign PPOConfig.")
     )
@@ -243,8 +246,6 @@ class Recipe:
         if self.quantization.enabled and not self.lora.enabled:
             raise UserError("'quantization' loads a frozen quantized base, which only trains through an adapter.",
                             fix="set lora.enabled: true (QLoRA) or remove quantization")
-        if self.stage == "ppo" and self.reward is None:
-            raise UserError("'reward' section is required for stage ppo.", fix="add reward: {model: outputs/rm}")
         for i, cb in enumerate(self.callbacks):
             name = cb.get("name") if isinstance(cb, dict) else cb
             if not isinstance(name, str):
@@ -339,28 +340,27 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    """Read, merge, override and validate a recipe. Raises UserError; loads no model and no data."""
+    """Read, merge, override and type a recipe. Raises UserError; loads no model and no data.
+    `train:` stays a plain mapping here: preflight.check() types it against the stage's config class."""
     source = Path(path)
     tree = apply_overrides(load_tree(source), overrides or [])
     with located(str(source)):
-        stage = tree.get("stage")
-        if stage not in STAGES:
-            raise UserError(f"'stage' must be one of {', '.join(STAGES)}, got {stage!r}.", fix="set stage: sft, rm or ppo")
-        for key in PPO_SECTIONS:  # optional sections: present -> typed
-            if key in tree and tree[key] is None:
-                tree[key] = {}
+        for f in dataclasses.fields(Recipe):  # optional sections: present but empty -> typed with defaults
+            if f.metadata.get("section") and f.name in tree and tree[f.name] is None:
+                tree[f.name] = {}
         recipe = _parse_recipe(tree)
         recipe.source = str(source)
-        validate_train(recipe)
     return recipe
 
 
 def _parse_recipe(tree: dict) -> Recipe:
     types_ = field_types(Recipe)
     check_keys(tree, [n for n in types_ if n != "source"], "")
-    for key in PPO_SECTIONS:
-        if key in tree and tree["stage"] != "ppo":
-            raise UserError(f"'{key}' is only for stage ppo, and this recipe's stage is {tree['stage']!r}.", fix=f"remove '{key}'")
+    for f in dataclasses.fields(Recipe):  # sections that only some stages read
+        only = f.metadata.get("stages")
+        if only and f.name in tree and tree.get("stage") not in only:
+            raise UserError(f"'{f.name}' is only for stage {' or '.join(only)}, and this recipe's stage is "
+                            f"{tree.get('stage')!r}.", fix=f"remove '{f.name}'")
     kwargs = {}
     for f in dataclasses.fields(Recipe):
         if f.name == "source" or f.name not in tree:
@@ -373,94 +373,3 @@ def _parse_recipe(tree: dict) -> Recipe:
     recipe = Recipe(**kwargs)
     recipe.check("")
     return recipe
-
-
-# --- the stage's TRL/transformers config ------------------------------------------------------------------------
-
-
-def config_class(stage: str) -> type:
-    if stage == "sft":
-        from trl import SFTConfig
-
-        return SFTConfig
-    if stage == "rm":
-        from trl import RewardConfig
-
-        return RewardConfig
-    from hfalign.ppo.config import PPOConfig
-
-    return PPOConfig
-
-
-# Keys hfalign owns elsewhere in the recipe; setting them under train: would be ambiguous.
-OWNED_KEYS = {
-    "output_dir": "set the top-level 'output_dir' instead",
-    "model_init_kwargs": "use the 'model' section (dtype, attn_implementation, revision)",
-    "trust_remote_code": "set 'model.trust_remote_code'",
-    "chat_template_path": "set 'model.chat_template'",
-    "pad_token": "set 'model.pad_token'",
-    "resume_from_checkpoint": "set the top-level 'resume' (true resumes from the run directory's last checkpoint)",
-    "overwrite_output_dir": "set the top-level 'overwrite'",
-}
-
-# Keys that older recipes (transformers 4, older TRL) carry: say what replaced them instead of "unknown key".
-RENAMED = {
-    "evaluation_strategy": "renamed to 'eval_strategy' in transformers 5",
-    "logging_dir": "removed in transformers 5: TensorBoard writes under output_dir/runs, or set TENSORBOARD_LOGGING_DIR",
-    "max_seq_length": "renamed to 'max_length' in TRL",
-    "torch_dtype": "set 'model.dtype'",
-    "tokenizer": "set 'model.tokenizer'",
-}
-
-POSITIVE = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
-            "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps", "eval_steps",
-            "num_ppo_epochs", "num_mini_batches", "response_length", "temperature", "local_rollout_forward_batch_size")
-NON_NEGATIVE = ("weight_decay", "warmup_steps", "max_grad_norm", "kl_coef", "cliprange", "cliprange_value", "vf_coef",
-                "entropy_coef", "save_total_limit", "warmup_ratio")
-
-
-def validate_train(recipe: Recipe) -> None:
-    """Check `train:` against the stage's config class: known keys, types, ranges; then let the class itself judge."""
-    cls = config_class(recipe.stage)
-    types_ = field_types(cls)
-    allowed = [f.name for f in dataclasses.fields(cls) if f.init]
-    train = recipe.train
-    for key in train:
-        if key in OWNED_KEYS:
-            raise UserError(f"'train.{key}' is set by hfalign.", fix=OWNED_KEYS[key])
-        if key in RENAMED and key not in allowed:
-            raise UserError(f"'train.{key}' is not a {cls.__name__} field.", fix=RENAMED[key])
-    check_keys(train, allowed, "train")
-    checked = {key: check_value(value, types_[key], f"train.{key}") for key, value in train.items()}
-    for key in POSITIVE:
-        if key in checked and checked[key] is not None and checked[key] <= 0:
-            raise UserError(f"'train.{key}' must be > 0, got {checked[key]}.", fix=f"set train.{key} to a positive number")
-    for key in NON_NEGATIVE:
-        if key in checked and checked[key] is not None and checked[key] < 0:
-            raise UserError(f"'train.{key}' must be >= 0, got {checked[key]}.", fix=f"set train.{key} to 0 or more")
-    recipe.train = checked
-    try:
-        build_train_args(recipe, probe=True)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"train: {cls.__name__} rejects these settings: {e}", fix="adjust the train: section") from None
-
-
-def build_train_args(recipe: Recipe, probe: bool = False):
-    """The stage's config object: the user's train: values plus what hfalign decides (output_dir, backend)."""
-    import torch
-
-    cls = config_class(recipe.stage)
-    kwargs = dict(recipe.train)
-    kwargs["output_dir"] = recipe.output_dir
-    if not torch.cuda.is_available():
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not probe:
-            # Launched on CPU: without gloo, accelerate/DeepSpeed see world_size 1 and DeepSpeed's batch assert fires.
-            kwargs.setdefault("ddp_backend", "gloo")
-        kwargs.setdefault("bf16", False)  # TRL configs default to bf16, which CPUs reject without use_cpu
-    kwargs.setdefault("report_to", "none")
-    kwargs.setdefault("disable_tqdm", True)  # the metrics callback prints one concise line per log instead
-    if recipe.model.trust_remote_code and "trust_remote_code" in {f.name for f in dataclasses.fields(cls)}:
-        kwargs["trust_remote_code"] = True
-    if probe:
-        kwargs.pop("deepspeed", None)  # the DeepSpeed plugin would initialise distributed state; checked at train time
-    return cls(**kwargs)

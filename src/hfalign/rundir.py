@@ -3,7 +3,8 @@
     outputs/<run>/
       recipe.resolved.yaml   the fully resolved recipe (written before training)
       versions.json          python and package versions
-      metrics.jsonl          one JSON object per logged dict (callbacks.MetricsCallback)
+      metrics.jsonl          one JSON object per logged dict (callbacks.MetricsCallback; callbacks.LOG_FILES lists
+                             every file a callback appends to, trimmed back to the checkpoint on resume)
       checkpoint-N/          Trainer checkpoints (resume)
       hfalign_done.json      written last: the run finished and the model files are complete
 """
@@ -80,20 +81,20 @@ def decide(recipe: Recipe) -> tuple[str, str | None]:
                     fix="choose another output_dir, or pass overwrite=true to delete its contents")
 
 
-def prepare(recipe: Recipe, is_main: bool) -> str | None:
-    """Apply decide() on the main process (others only read); return the checkpoint to resume from."""
+def prepare(recipe: Recipe, is_main: bool, logs: dict[str, str]) -> str | None:
+    """Apply decide() on the main process (others only read); return the checkpoint to resume from.
+    `logs`: the files callbacks append to, each with the key that holds its step (trimmed on resume)."""
     mode, ckpt = decide(recipe)
     out = Path(recipe.output_dir)
     if is_main:
         if mode == "overwrite":
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        if mode == "fresh":
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-            (out / "samples.jsonl").unlink(missing_ok=True)
-        else:
-            _trim_metrics(out / "metrics.jsonl", _checkpoint_step(ckpt))
-            _trim_metrics(out / "samples.jsonl", _checkpoint_step(ckpt), key="update")  # PPO's sample table
+        for name, key in logs.items():
+            if mode == "fresh":
+                (out / name).unlink(missing_ok=True)
+            else:
+                _trim_metrics(out / name, _checkpoint_step(ckpt), key=key)
         atomic_write(out / "recipe.resolved.yaml", yaml.safe_dump(resolved(recipe), sort_keys=False))
         atomic_write(out / "versions.json", json.dumps(versions(), indent=2) + "\n")
         if ckpt:

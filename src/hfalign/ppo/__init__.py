@@ -1,4 +1,6 @@
-"""hfalign's PPO: pure math in core.py, PPOConfig in config.py, the trainer in trainer.py."""
+"""hfalign's PPO: pure math in core.py, PPOConfig and the batch plan in config.py, the four roles behind one module in
+policy_value.py (assembled by build.py), sampling in generation.py, the rollout record in rollout.py, the loop in
+trainer.py, files in saving.py."""
 
 from hfalign.ppo.config import PPOConfig
 

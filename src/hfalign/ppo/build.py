@@ -1,12 +1,19 @@
-"""Assemble PolicyAndValue from a recipe: full mode (four models) or LoRA shared-base mode (one base, adapters)."""
+"""The one assembler of PolicyAndValue, for both ways in:
+
+    build(recipe, tokenizer)          the recipe stage: full mode (four models) or LoRA shared-base mode (one base)
+    from_trl_args(policy, ref_model, reward_model, value_model, peft_config)   TRL 1.12's PPOTrainer arguments
+
+Both end in `assemble()`: the wrapper with dropout off everywhere (pitfall 2) and its trainable set remembered.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
 from hfalign import models
-from hfalign.ppo.models import (
+from hfalign.ppo.policy_value import (
     PolicyAndValue,
     adapter_base,
     disable_dropout,
@@ -20,11 +27,23 @@ from hfalign.ppo.models import (
 from hfalign.recipe import Recipe, ValueSection
 
 
-def build(recipe: Recipe, tokenizer) -> PolicyAndValue:
-    wrapper = _build_shared(recipe, tokenizer) if recipe.lora.enabled else _build_full(recipe, tokenizer)
+def assemble(policy, **parts) -> PolicyAndValue:
+    """PolicyAndValue(policy, **parts), dropout off in all of it, its trainable parameters remembered."""
+    wrapper = PolicyAndValue(policy, **parts)
     disable_dropout(wrapper)
     wrapper.remember_trainable()
     return wrapper
+
+
+def build(recipe: Recipe, tokenizer) -> PolicyAndValue:
+    return _build_shared(recipe, tokenizer) if recipe.lora.enabled else _build_full(recipe, tokenizer)
+
+
+def _trainable_critic(model):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    fp32_score_head(model)
+    return model
 
 
 def _seq_classifier(recipe: Recipe, tokenizer, path: str):
@@ -46,17 +65,14 @@ def _build_full(recipe: Recipe, tokenizer) -> PolicyAndValue:
         policy = models.apply_adapter(policy, m.adapter, trainable=False)
         ref = models.apply_adapter(ref, m.adapter, trainable=False)
     reward = freeze(_seq_classifier(recipe, tokenizer, recipe.reward.model)) if recipe.reward.model else None
+    if reward is not None:
+        fp32_score_head(reward)
     critic_from = (recipe.value.model if recipe.value and recipe.value.model else None) or recipe.reward.model
     if critic_from:
         critic = _seq_classifier(recipe, tokenizer, critic_from)
     else:  # no reward model to start from: the policy's weights with a fresh scalar head
         critic = models.load_sequence_classifier(m, q, tokenizer)
-    for p in critic.parameters():
-        p.requires_grad_(True)
-    for model in (critic, reward):
-        if model is not None:
-            fp32_score_head(model)
-    return PolicyAndValue(policy, critic=critic, ref=freeze(ref), reward=reward)
+    return assemble(policy, critic=_trainable_critic(critic), ref=freeze(ref), reward=reward)
 
 
 def _build_shared(recipe: Recipe, tokenizer) -> PolicyAndValue:
@@ -65,7 +81,7 @@ def _build_shared(recipe: Recipe, tokenizer) -> PolicyAndValue:
     m, q = recipe.model, recipe.quantization
     lora = dataclasses.replace(recipe.lora, dropout=0.0)
     base = models.prepare_quantized(models.load_causal_lm(m, q, tokenizer))
-    hidden = base.config.get_text_config().hidden_size
+    hidden, head = base.config.get_text_config().hidden_size, models.family_of(base).head
     if m.adapter:
         policy = PeftModel.from_pretrained(base, m.adapter, adapter_name="default", is_trainable=True)
         policy.load_adapter(m.adapter, adapter_name="ref", is_trainable=False)
@@ -88,7 +104,7 @@ def _build_shared(recipe: Recipe, tokenizer) -> PolicyAndValue:
             rm_below = ["rm_base"]
         policy.load_adapter(recipe.reward.model, adapter_name="reward", is_trainable=False)
         stacks["reward"] = [*rm_below, "reward"]
-        reward_head = freeze(linear_head(hidden, read_adapter_head(recipe.reward.model)))
+        reward_head = freeze(linear_head(hidden, read_adapter_head(recipe.reward.model, head)))
     elif recipe.reward.model:
         reward_model = freeze(_seq_classifier(recipe, tokenizer, recipe.reward.model))
         fp32_score_head(reward_model)
@@ -96,20 +112,38 @@ def _build_shared(recipe: Recipe, tokenizer) -> PolicyAndValue:
     value = recipe.value or ValueSection()
     if value.model or not value.shared_base:  # a critic of its own, outside the shared base
         critic = _seq_classifier(recipe, tokenizer, value.model or recipe.reward.model or m.name_or_path)
-        for p in critic.parameters():
-            p.requires_grad_(True)
-        fp32_score_head(critic)
-        value_head, critic_model = None, critic
+        value_head, critic_model = None, _trainable_critic(critic)
     else:
         critic_model = None
         if shared_reward:  # InstructGPT: the critic starts as the reward model
             policy.load_adapter(recipe.reward.model, adapter_name="value", is_trainable=True)
             stacks["value"] = [*stacks["reward"][:-1], "value"]
-            value_head = linear_head(hidden, read_adapter_head(recipe.reward.model))
+            value_head = linear_head(hidden, read_adapter_head(recipe.reward.model, head))
         else:
             policy.add_adapter("value", models.lora_config(lora, base, "CAUSAL_LM"))
             stacks["value"] = [*below, "value"]
             value_head = linear_head(hidden)
     train_policy_and_value_adapters(policy)
-    return PolicyAndValue(policy, critic=critic_model, reward=reward_model, value_head=value_head,
-                          reward_head=reward_head, stacks=stacks)
+    return assemble(policy, critic=critic_model, reward=reward_model, value_head=value_head, reward_head=reward_head,
+                    stacks=stacks)
+
+
+def from_trl_args(policy, ref_model, reward_model, value_model, peft_config) -> PolicyAndValue:
+    """TRL-style arguments -> PolicyAndValue. With peft_config the reference is the base with the adapter off, and
+    without a value_model the critic is a second adapter plus a fresh fp32 head on the same base."""
+    reward = freeze(reward_model) if reward_model is not None else None
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, peft_config)
+        stacks, value_head = {"policy": ["default"], "ref": None}, None
+        if value_model is None:
+            policy.add_adapter("value", copy.deepcopy(peft_config))
+            stacks["value"] = ["value"]
+            value_head = linear_head(policy.config.get_text_config().hidden_size)
+            train_policy_and_value_adapters(policy)
+        return assemble(policy, critic=value_model, reward=reward, value_head=value_head, stacks=stacks)
+    if value_model is None:
+        raise ValueError("full fine-tuning needs value_model (e.g. the reward model's architecture with num_labels=1)")
+    ref = freeze(ref_model if ref_model is not None else copy.deepcopy(policy))
+    return assemble(policy, critic=value_model, ref=ref, reward=reward)

@@ -14,7 +14,7 @@ import os
 
 from safetensors.torch import save_file
 
-from hfalign.ppo.models import PolicyAndValue
+from hfalign.ppo.policy_value import PolicyAndValue
 
 
 def _contiguous(sd: dict) -> dict:

@@ -6,6 +6,16 @@ It calls `Trainer.__init__` and reuses the Trainer's machinery for the rest — 
 optimizer and scheduler, callbacks and report_to, logging, checkpoint rotation, `save_model` under DDP and ZeRO-3
 (TRL 1.12 skipped `Trainer.__init__` and broke saving: huggingface/trl#2885, #3301). A checkpoint holds the policy,
 the value model (TRL 1.12 lost it: trl#3293), optimizer, scheduler, RNG, KL coefficient and episode counter.
+
+Private transformers/accelerate API this module relies on (checked against transformers >=5.0,<6 and accelerate
+>=1.10,<2, the ranges pyproject.toml pins); a new major version must be read against this list:
+    Trainer._inner_training_loop      replaced: the PPO loop
+    Trainer._prepare_for_training     called: accelerator/DeepSpeed wrapping, optimizer, scheduler, checkpoint load
+    Trainer._load_from_checkpoint     replaced: non-DeepSpeed resume reads trainable.safetensors
+    Trainer._save_checkpoint          extended: writes hfalign_ppo_state.json beside Trainer's files
+    Trainer._save                     replaced: policy and value files (saving.py)
+    Trainer._load_rng_state           called on resume
+    accelerator.gradient_state._set_sync_gradients   called: gradient accumulation in a custom loop
 """
 
 from __future__ import annotations
@@ -17,37 +27,20 @@ import time
 from collections import defaultdict
 
 import torch
-from transformers import GenerationConfig, Trainer
+from transformers import Trainer
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import TrainOutput
 
 from hfalign.errors import UserError
 from hfalign.ppo import core
+from hfalign.ppo.build import from_trl_args
 from hfalign.ppo.config import PPOConfig, plan, plan_problem
-from hfalign.ppo.models import PolicyAndValue
+from hfalign.ppo.generation import HFGenerator
+from hfalign.ppo.policy_value import PolicyAndValue
+from hfalign.ppo.rollout import Rollout, left_pad, prompt_batches
 
 PPO_STATE = "hfalign_ppo_state.json"
 TRAINABLE = "trainable.safetensors"
-
-
-def prompt_batches(n: int, batch: int, rank: int, world: int, seed: int):
-    """Endless per-process index batches: a fresh seeded permutation per pass, sharded by rank, full batches only."""
-    epoch = 0
-    while True:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        mine = perm[rank::world]
-        for start in range(0, len(mine) - batch + 1, batch):
-            yield mine[start:start + batch]
-        epoch += 1
-        if len(mine) < batch:
-            raise ValueError(f"{n} prompts cannot fill one batch of {batch} per process on {world} processes")
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-    return ids, mask
 
 
 class PPOTrainer(Trainer):
@@ -57,10 +50,11 @@ class PPOTrainer(Trainer):
         `reward_model` is a scalar-head model or a function `(prompts, completions) -> list[float]`."""
         self.reward_fn = reward_model if callable(reward_model) and not isinstance(reward_model, torch.nn.Module) else None
         if not isinstance(model, PolicyAndValue):
-            model = _assemble(model, ref_model, None if self.reward_fn else reward_model, value_model, peft_config)
+            model = from_trl_args(model, ref_model, None if self.reward_fn else reward_model, value_model, peft_config)
         if self.reward_fn is None and model.reward is None and model.reward_head is None:
             raise ValueError("PPOTrainer needs a reward: pass reward_model (a model or a function)")
         self.tokenizer = processing_class
+        self.generator = HFGenerator(args, processing_class)  # the sampling seam (ppo/generation.py)
         self.prompts = [self._encode(p) for p in train_dataset["prompt"]]
         self.eval_prompts = [self._encode(p) for p in eval_dataset["prompt"]] if eval_dataset is not None else []
         super().__init__(model=model, args=args, processing_class=processing_class, train_dataset=train_dataset,
@@ -75,38 +69,12 @@ class PPOTrainer(Trainer):
         return self.tokenizer(prompt)["input_ids"]
 
     # -- rollout ---------------------------------------------------------------------------------------------------
-    def _generation_config(self) -> GenerationConfig:
-        a = self.args
-        return GenerationConfig(max_new_tokens=a.response_length, do_sample=True, temperature=a.temperature,
-                                top_k=a.top_k or None, top_p=a.top_p, eos_token_id=self.tokenizer.eos_token_id,
-                                pad_token_id=self.tokenizer.pad_token_id)
-
     @torch.no_grad()
-    def _generate(self, queries: torch.Tensor, qmask: torch.Tensor, role: str) -> torch.Tensor:
-        from trl.models.utils import unwrap_model_for_generation
-
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        gather = self.args.ds3_gather_for_generation
-        chunk = self.args.local_rollout_forward_batch_size
-        outs = []
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator, gather_deepspeed3_params=gather) as unwrapped:
-            gen_model, ctx = unwrapped.generator(role)
-            with ctx:
-                for i in range(0, len(queries), chunk):
-                    seq = gen_model.generate(input_ids=queries[i:i + chunk], attention_mask=qmask[i:i + chunk],
-                                             generation_config=self._generation_config(),
-                                             synced_gpus=zero3 and not gather and self.accelerator.num_processes > 1)
-                    outs.append(seq[:, queries.shape[1]:])
-        width = max(o.shape[1] for o in outs)
-        pad = self.tokenizer.pad_token_id
-        return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad) for o in outs])
-
-    @torch.no_grad()
-    def rollout(self, queries: torch.Tensor, qmask: torch.Tensor, role: str = "policy") -> dict:
+    def rollout(self, queries: torch.Tensor, qmask: torch.Tensor, role: str = "policy") -> Rollout:
         """Sample responses and compute everything PPO needs about them, at the sampling temperature."""
         a, model, timing = self.args, self.model_wrapped, {}
         t0 = time.perf_counter()
-        responses = self._generate(queries, qmask, role)
+        responses = self.generator(model, self.accelerator, queries, qmask, role)
         timing["timing/generate"] = time.perf_counter() - t0
         mask, last, has_eos = core.response_mask(responses, self.tokenizer.eos_token_id)
         responses = torch.where(mask.bool(), responses, self.tokenizer.pad_token_id)
@@ -133,9 +101,9 @@ class PPOTrainer(Trainer):
             texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
             scores = self._call_reward_fn(prompts, texts)
         timing["timing/score"] = time.perf_counter() - t0
-        return {"queries": queries, "responses": responses, "full": full, "attn": attn, "pos": pos, "mask": mask,
-                "last": last, "has_eos": has_eos, "logprobs": torch.cat(logprobs) * mask, "scores": scores.float(),
-                "ref_logprobs": torch.cat(ref_logprobs) * mask, "values": torch.cat(values) * mask, "timing": timing}
+        return Rollout(queries=queries, responses=responses, full=full, attn=attn, pos=pos, mask=mask, last=last,
+                       has_eos=has_eos, logprobs=torch.cat(logprobs) * mask, ref_logprobs=torch.cat(ref_logprobs) * mask,
+                       values=torch.cat(values) * mask, scores=scores.float(), timing=timing)
 
     def _call_reward_fn(self, prompts: list[str], texts: list[str]) -> torch.Tensor:
         name = getattr(self.reward_fn, "__qualname__", repr(self.reward_fn))
@@ -163,7 +131,7 @@ class PPOTrainer(Trainer):
         return scores
 
     # -- update ----------------------------------------------------------------------------------------------------
-    def ppo_update(self, r: dict, advantages: torch.Tensor, returns: torch.Tensor) -> tuple[dict, int]:
+    def ppo_update(self, r: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> tuple[dict, int]:
         """num_ppo_epochs x num_mini_batches optimizer steps, each over gradient_accumulation_steps micro-batches.
         Returns (mean stats, optimizer steps taken), counted explicitly (TRL 1.12 miscounted: PPO_NOTES #12)."""
         a, p, acc, model = self.args, self.plan, self.accelerator, self.model_wrapped
@@ -196,14 +164,14 @@ class PPOTrainer(Trainer):
         model.eval()
         return {k: sum(v) / len(v) for k, v in stats.items()}, steps
 
-    def _micro_step(self, model, r: dict, idx: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
+    def _micro_step(self, model, r: Rollout, idx: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
         """Forward and backward of one micro-batch; the loss is divided by the accumulation steps."""
-        a, Q, mask = self.args, r["queries"].shape[1], r["mask"][idx]
-        logits, vpred = model(r["full"][idx], r["attn"][idx], r["pos"][idx], mode="train")
+        a, Q, mask = self.args, r.prompt_width, r.mask[idx]
+        logits, vpred = model(r.full[idx], r.attn[idx], r.pos[idx], mode="train")
         logits = logits[:, Q - 1:-1]
-        new_logprobs = core.logprobs_from_logits(logits, r["responses"][idx], a.temperature)
-        pg_loss, pg = core.policy_loss(new_logprobs, r["logprobs"][idx], advantages[idx], mask, a.cliprange)
-        vf_loss, vf_clipfrac = core.value_loss(vpred[:, Q - 1:-1], r["values"][idx], returns[idx], mask, a.cliprange_value)
+        new_logprobs = core.logprobs_from_logits(logits, r.responses[idx], a.temperature)
+        pg_loss, pg = core.policy_loss(new_logprobs, r.logprobs[idx], advantages[idx], mask, a.cliprange)
+        vf_loss, vf_clipfrac = core.value_loss(vpred[:, Q - 1:-1], r.values[idx], returns[idx], mask, a.cliprange_value)
         entropy = core.masked_mean(core.entropy_from_logits(logits, a.temperature), mask)
         loss = pg_loss + a.vf_coef * vf_loss - a.entropy_coef * entropy
         kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}  # we scale; DeepSpeed must not again
@@ -270,30 +238,30 @@ class PPOTrainer(Trainer):
         a, acc = self.args, self.accelerator
         queries, qmask = left_pad([self.prompts[i] for i in indices], self.tokenizer.pad_token_id)
         r = self.rollout(queries.to(acc.device), qmask.to(acc.device))
-        scores = self.shape_scores(r["scores"], r["has_eos"])
-        kl = core.kl_penalty(r["logprobs"], r["ref_logprobs"], a.kl_estimator) * r["mask"]
-        rewards, non_score = core.token_rewards(scores, kl, self.kl_coef, r["last"], r["mask"])
+        scores = self.shape_scores(r.scores, r.has_eos)
+        kl = core.kl_penalty(r.logprobs, r.ref_logprobs, a.kl_estimator) * r.mask
+        rewards, non_score = core.token_rewards(scores, kl, self.kl_coef, r.last, r.mask)
         if a.whiten_rewards:
-            rewards = core.masked_whiten(rewards, r["mask"], shift_mean=False)
-        advantages, returns = core.gae(rewards, r["values"], r["mask"], a.gamma, a.lam)
+            rewards = core.masked_whiten(rewards, r.mask, shift_mean=False)
+        advantages, returns = core.gae(rewards, r.values, r.mask, a.gamma, a.lam)
         if a.whiten_advantages:
-            advantages = core.masked_whiten(advantages, r["mask"])
+            advantages = core.masked_whiten(advantages, r.mask)
         t0 = time.perf_counter()
         stats, steps = self.ppo_update(r, advantages, returns)
         seq_kl = kl.sum(1).mean().item()
         metrics = {
             "objective/kl": seq_kl, "objective/kl_coef": self.kl_coef,
-            "objective/entropy": (-r["logprobs"]).sum(1).mean().item(),
+            "objective/entropy": (-r.logprobs).sum(1).mean().item(),
             "objective/non_score_reward": non_score.sum(1).mean().item(),
             "objective/rlhf_reward": (scores + non_score.sum(1)).mean().item(),
-            "objective/scores": r["scores"].mean().item(),
+            "objective/scores": r.scores.mean().item(),
             **stats,
-            "val/num_eos_tokens": r["has_eos"].float().sum().item(),
-            "val/truncated_frac": (~r["has_eos"]).float().mean().item(),
-            "val/response_length": r["mask"].sum(1).float().mean().item(),
-            "val/explained_variance": core.explained_variance(r["values"], returns, r["mask"]).item(),
+            "val/num_eos_tokens": r.has_eos.float().sum().item(),
+            "val/truncated_frac": (~r.has_eos).float().mean().item(),
+            "val/response_length": r.mask.sum(1).float().mean().item(),
+            "val/explained_variance": core.explained_variance(r.values, returns, r.mask).item(),
             "train/optimizer_steps": steps,
-            **r["timing"], "timing/update": time.perf_counter() - t0,
+            **r.timing, "timing/update": time.perf_counter() - t0,
         }
         metrics = self._means(metrics)
         metrics["val/num_eos_tokens"] *= acc.num_processes  # a count, summed over processes
@@ -304,13 +272,13 @@ class PPOTrainer(Trainer):
         self._notify_rollout(r, scores)
         return metrics
 
-    def _notify_rollout(self, r: dict, scores: torch.Tensor) -> None:
+    def _notify_rollout(self, r: Rollout, scores: torch.Tensor) -> None:
         """Callbacks with an `on_rollout` method (the sample table) see this update's prompts, completions, scores."""
         listeners = [cb for cb in self.callback_handler.callbacks if hasattr(cb, "on_rollout")]
         if not listeners:
             return
-        samples = {"prompt": self.tokenizer.batch_decode(r["queries"], skip_special_tokens=True),
-                   "completion": self.tokenizer.batch_decode(r["responses"], skip_special_tokens=True),
+        samples = {"prompt": self.tokenizer.batch_decode(r.queries, skip_special_tokens=True),
+                   "completion": self.tokenizer.batch_decode(r.responses, skip_special_tokens=True),
                    "score": scores.tolist()}
         for cb in listeners:
             cb.on_rollout(self.args, self.state, self.control, samples=samples)
@@ -364,38 +332,10 @@ class PPOTrainer(Trainer):
         for i in range(0, len(prompts), self.args.local_rollout_forward_batch_size):
             q, m = left_pad(prompts[i:i + self.args.local_rollout_forward_batch_size], self.tokenizer.pad_token_id)
             r = self.rollout(q.to(self.accelerator.device), m.to(self.accelerator.device), role=role)
-            out["completion"] += self.tokenizer.batch_decode(r["responses"], skip_special_tokens=True)
-            out["score"] += r["scores"].tolist()
-            own = r["ref_logprobs"] if role == "ref" else r["logprobs"]  # KL of the sampling model to the reference
-            out["kl"] += (own - r["ref_logprobs"]).sum(1).tolist()
-            out["has_eos"] += r["has_eos"].tolist()
+            out["completion"] += self.tokenizer.batch_decode(r.responses, skip_special_tokens=True)
+            out["score"] += r.scores.tolist()
+            own = r.ref_logprobs if role == "ref" else r.logprobs  # KL of the sampling model to the reference
+            out["kl"] += (own - r.ref_logprobs).sum(1).tolist()
+            out["has_eos"] += r.has_eos.tolist()
         return out
-
-
-def _assemble(policy, ref_model, reward_model, value_model, peft_config) -> PolicyAndValue:
-    """TRL-style arguments -> PolicyAndValue. With peft_config the reference is the base with the adapter off."""
-    import copy
-
-    from hfalign.ppo.models import disable_dropout, freeze, linear_head, train_policy_and_value_adapters
-
-    if peft_config is not None:
-        from peft import get_peft_model
-
-        policy = get_peft_model(policy, peft_config)
-        stacks = {"policy": ["default"], "ref": None}
-        wrapper = PolicyAndValue(policy, critic=value_model, reward=freeze(reward_model) if reward_model else None,
-                                 stacks=stacks)
-        if value_model is None:
-            policy.add_adapter("value", copy.deepcopy(peft_config))
-            stacks["value"] = ["value"]
-            wrapper.value_head = linear_head(policy.config.get_text_config().hidden_size)
-            train_policy_and_value_adapters(policy)
-    else:
-        ref = freeze(ref_model if ref_model is not None else copy.deepcopy(policy))
-        if value_model is None:
-            raise ValueError("full fine-tuning needs value_model (e.g. the reward model's architecture with num_labels=1)")
-        wrapper = PolicyAndValue(policy, critic=value_model, ref=ref, reward=freeze(reward_model) if reward_model else None)
-    disable_dropout(wrapper)
-    wrapper.remember_trainable()
-    return wrapper
 

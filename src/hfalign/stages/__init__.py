@@ -1,7 +1,60 @@
-"""One module per stage, each with `run(recipe)` of the same numbered steps."""
+"""The stages, and the one run() they all share.
+
+A stage module declares only what is particular to it:
+
+    FORMATS                       the data formats its rows may take (keys of data.FORMATS)
+    config_class()                its trainer config class (trl.SFTConfig, trl.RewardConfig, hfalign PPOConfig)
+    check(recipe, rows)           its own checks before any model loads (rows: what data.check read)
+    trainer(recipe, args, tokenizer, train_set, eval_set, callbacks)   its model(s) and Trainer
+    summarize(recipe, trainer, eval_set)   optional: the summary after training (default: evaluate on eval_set)
+
+Adding a stage (say DPO) = one module with those + one line in STAGES. Stage modules import their trainer
+libraries inside functions, so importing this registry stays cheap.
+"""
+
+from __future__ import annotations
+
+from hfalign.errors import UserError
+from hfalign.stages import ppo, rm, sft
+
+STAGES = {"sft": sft, "rm": rm, "ppo": ppo}
 
 
-def run(recipe) -> dict:
-    from importlib import import_module
+def get(name):
+    if name not in STAGES:
+        raise UserError(f"'stage' must be one of {', '.join(STAGES)}, got {name!r}.", fix=f"set stage: {' | '.join(STAGES)}")
+    return STAGES[name]
 
-    return import_module(f"hfalign.stages.{recipe.stage}").run(recipe)
+
+def run(checked) -> dict:
+    """Train a checked recipe's stage (preflight.check made `checked`): the same steps for every stage."""
+    from hfalign import callbacks, data, models, rundir, trainargs
+
+    recipe = checked.recipe
+    stage = get(recipe.stage)
+
+    # 1. Trainer config and run directory (refuse clobber; find the checkpoint to resume from)
+    args = trainargs.build(recipe, stage.config_class())
+    resume_from = rundir.prepare(recipe, is_main=args.process_index == 0, logs=callbacks.LOG_FILES)
+
+    # 2. Tokenizer
+    tokenizer = models.load_tokenizer(recipe.model)
+
+    # 3. Data (local files were read and checked by preflight; not read again)
+    train_set, eval_set = data.load(recipe.data, recipe.stage, stage.FORMATS, checked.rows)
+
+    # 4. The stage's model(s) and trainer, with the recipe's callbacks
+    trainer = stage.trainer(recipe, args, tokenizer, train_set, eval_set, callbacks.build(recipe))
+    callbacks.quiet_printer(trainer)
+
+    # 5. Train (resumes when a checkpoint exists), then summarize
+    trainer.train(resume_from_checkpoint=resume_from)
+    if hasattr(stage, "summarize"):
+        summary = stage.summarize(recipe, trainer, eval_set)
+    else:
+        summary = trainer.evaluate() if eval_set is not None else {}
+
+    # 6. Save, then mark the run finished
+    trainer.save_model(recipe.output_dir)
+    rundir.finish(recipe, trainer.is_world_process_zero(), summary)
+    return summary

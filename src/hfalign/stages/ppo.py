@@ -12,51 +12,61 @@ from __future__ import annotations
 import json
 import os
 
-from hfalign import callbacks, data, models, rundir
-from hfalign.recipe import Recipe, build_train_args, import_function
+from hfalign import models, trainargs
+from hfalign.errors import UserError
+from hfalign.recipe import Recipe, import_function
+
+FORMATS = ("prompt",)
 
 
-def run(recipe: Recipe) -> dict:
+def config_class() -> type:
+    from hfalign.ppo.config import PPOConfig
+
+    return PPOConfig
+
+
+def check(recipe: Recipe, rows: dict) -> None:
+    """A reward source; a LoRA reward adapter on this base; batch arithmetic against the prompts and processes."""
+    from hfalign.ppo.config import plan, plan_problem
+
+    if recipe.reward is None:
+        raise UserError("'reward' section is required for stage ppo.", fix="add reward: {model: outputs/rm}")
+    if recipe.reward.model and recipe.lora.enabled:
+        models.check_adapter_base(recipe.reward.model, recipe.model.name_or_path, "reward.model")
+    if rows["train"] is None:
+        return  # a hub set: counted when loaded
+    world, n = int(os.environ.get("WORLD_SIZE", "1")), len(rows["train"])
+    problem = plan_problem(plan(trainargs.build(recipe, config_class(), probe=True), world, n), n)
+    if problem:
+        raise UserError(f"PPO batch does not fit the data: {problem}.",
+                        fix="lower train.per_device_train_batch_size or train.num_mini_batches, or add prompts")
+
+
+def trainer(recipe: Recipe, args, tokenizer, train_set, eval_set, callbacks):
     from hfalign.ppo.build import build
     from hfalign.ppo.trainer import PPOTrainer
 
-    # 1. Run directory (refuse clobber; find the checkpoint to resume from)
-    args = build_train_args(recipe)
-    resume_from = rundir.prepare(recipe, is_main=args.process_index == 0)
-
-    # 2. Tokenizer (left padding: prompts are generated from)
-    tokenizer = models.load_tokenizer(recipe.model)
+    # Policy, reference, value and reward behind one module (full, or one base with adapters); prompts pad left
     tokenizer.padding_side = "left"
-
-    # 3. Models: policy, reference, value, reward (full, or one base with adapters)
     model = build(recipe, tokenizer)
     reward_fn = import_function(recipe.reward.function, "reward.function") if recipe.reward.function else None
+    return PPOTrainer(args=args, processing_class=tokenizer, model=model, reward_model=reward_fn,
+                      train_dataset=train_set, eval_dataset=eval_set, callbacks=callbacks)
 
-    # 4. Data (prompts; data.eval holds the held-out prompts of the summary)
-    train_set, eval_set = data.load(recipe.data, "ppo")
 
-    # 5. Trainer with callbacks
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=model, reward_model=reward_fn,
-                         train_dataset=train_set, eval_dataset=eval_set, callbacks=callbacks.build(recipe))
-    callbacks.quiet_printer(trainer)
-
-    # 6. Train (resumes when a checkpoint exists); then held-out prompts from the reference (= the SFT policy,
-    #    frozen, so "before" needs no run of its own) and from the PPO policy, with the models as DeepSpeed holds them
-    trainer.train(resume_from_checkpoint=resume_from)
-    before, after = summarize(recipe, trainer, "ref"), summarize(recipe, trainer, "policy")
-
-    # 7. Save and finish
-    trainer.save_model(recipe.output_dir)
+def summarize(recipe: Recipe, trainer, eval_set) -> dict:
+    """Held-out prompts from the reference (= the SFT policy, frozen, so "before" needs no run of its own) and from
+    the PPO policy, with the models as DeepSpeed holds them; printed and written to summary.json."""
+    before, after = _sample_stats(recipe, trainer, "ref"), _sample_stats(recipe, trainer, "policy")
     summary = {"before (reference)": before, "after (policy)": after}
     if trainer.is_world_process_zero():
         with open(os.path.join(recipe.output_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
         print(format_summary(before, after), flush=True)
-    rundir.finish(recipe, trainer.is_world_process_zero(), summary)
     return summary
 
 
-def summarize(recipe: Recipe, trainer, role: str) -> dict:
+def _sample_stats(recipe: Recipe, trainer, role: str) -> dict:
     s = trainer.sample(role, trainer.args.num_eval_prompts)
     n = len(s["completion"])
     out = {"prompts": n, "score": sum(s["score"]) / n, "kl": sum(s["kl"]) / n,

@@ -6,21 +6,26 @@
 
 from __future__ import annotations
 
-from hfalign import callbacks, data, models, rundir
-from hfalign.recipe import Recipe, build_train_args
+from hfalign import models
+from hfalign.recipe import Recipe
+
+FORMATS = ("messages", "prompt_completion", "text")
 
 
-def run(recipe: Recipe) -> dict:
+def config_class() -> type:
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
+def check(recipe: Recipe, rows: dict) -> None:
+    """Nothing beyond the shared checks."""
+
+
+def trainer(recipe: Recipe, args, tokenizer, train_set, eval_set, callbacks):
     from trl import SFTTrainer
 
-    # 1. Run directory (refuse clobber; find the checkpoint to resume from)
-    args = build_train_args(recipe)
-    resume_from = rundir.prepare(recipe, is_main=args.process_index == 0)
-
-    # 2. Tokenizer
-    tokenizer = models.load_tokenizer(recipe.model)
-
-    # 3. Model (+ adapter to continue, or a new LoRA config for the trainer to apply)
+    # The causal LM; continue a trained adapter, or give the trainer a new LoRA config to apply
     model = models.load_causal_lm(recipe.model, recipe.quantization, tokenizer)
     model = models.prepare_quantized(model, args.gradient_checkpointing)
     peft_config = None
@@ -28,20 +33,5 @@ def run(recipe: Recipe) -> dict:
         model = models.apply_adapter(model, recipe.model.adapter, trainable=True)
     else:
         peft_config = models.lora_config(recipe.lora, model, "CAUSAL_LM")
-
-    # 4. Data
-    train_set, eval_set = data.load(recipe.data, "sft")
-
-    # 5. Trainer with callbacks
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks.build(recipe))
-    callbacks.quiet_printer(trainer)
-
-    # 6. Train (resumes when a checkpoint exists)
-    trainer.train(resume_from_checkpoint=resume_from)
-    summary = trainer.evaluate() if eval_set is not None else {}
-
-    # 7. Save and finish
-    trainer.save_model(recipe.output_dir)
-    rundir.finish(recipe, trainer.is_world_process_zero(), summary)
-    return summary
+    return SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                      processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)

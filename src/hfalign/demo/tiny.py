@@ -26,7 +26,7 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from hfalign.task import corpus
+    from hfalign.demo.task import corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

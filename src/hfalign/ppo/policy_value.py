@@ -16,6 +16,8 @@ import os
 import torch
 from torch import nn
 
+from hfalign.models import family_of
+
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -40,17 +42,20 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def backbone(model: nn.Module) -> nn.Module:
     """The transformer body of a *ForCausalLM / *ForSequenceClassification (through a PeftModel too)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _inner(model)
     return getattr(inner, inner.base_model_prefix)
 
 
+def _inner(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def head_from(model: nn.Module) -> nn.Module:
-    """The scalar head of a sequence classifier (LLaMA/GLM name it `score`)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for name in ("score", "classifier", "v_head"):
-        if hasattr(inner, name):
-            return getattr(inner, name)
-    raise ValueError(f"{type(inner).__name__} has no score head")
+    """The scalar head of a sequence classifier, by the name its family gives it (models.FAMILIES)."""
+    inner, name = _inner(model), family_of(model).head
+    if not hasattr(inner, name):
+        raise ValueError(f"{type(inner).__name__} has no scalar head '{name}' (the name models.FAMILIES gives its family)")
+    return getattr(inner, name)
 
 
 class PolicyAndValue(nn.Module):
@@ -111,8 +116,10 @@ class PolicyAndValue(nn.Module):
                 p.requires_grad_(id(p) in self._trainable)
 
     def _hidden(self, model, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        """[batch, seq, hidden], whatever layout the family's backbone returns."""
         out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        return out.last_hidden_state
+        hidden = out.last_hidden_state
+        return hidden.transpose(0, 1) if family_of(model).hidden_layout == "seq_first" else hidden
 
     def _logits(self, model, role, input_ids, attention_mask, position_ids) -> torch.Tensor:
         with self.adapters(role):
@@ -189,19 +196,18 @@ def linear_head(hidden_size: int, weight: torch.Tensor | None = None) -> nn.Line
 def fp32_score_head(model: nn.Module) -> None:
     """Replace a scalar-head model's low-precision `score` head by an fp32 copy (pitfall 11: bf16 values are noisy).
     Under ZeRO-3 the weight is partitioned at load time, so it is gathered for the copy."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for name in ("score", "classifier", "v_head"):
-        head = getattr(inner, name, None)
-        if not isinstance(head, nn.Linear) or head.weight.dtype == torch.float32:
-            continue
-        with _gathered(list(head.parameters())):
-            new = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, dtype=torch.float32)
-            with torch.no_grad():
-                new.weight.copy_(head.weight.float())
-                if head.bias is not None:
-                    new.bias.copy_(head.bias.float())
-        new.requires_grad_(head.weight.requires_grad)
-        setattr(inner, name, new)
+    inner, name = _inner(model), family_of(model).head
+    head = getattr(inner, name, None)
+    if not isinstance(head, nn.Linear) or head.weight.dtype == torch.float32:
+        return
+    with _gathered(list(head.parameters())):
+        new = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, dtype=torch.float32)
+        with torch.no_grad():
+            new.weight.copy_(head.weight.float())
+            if head.bias is not None:
+                new.bias.copy_(head.bias.float())
+    new.requires_grad_(head.weight.requires_grad)
+    setattr(inner, name, new)
 
 
 def _gathered(params):
@@ -214,13 +220,13 @@ def _gathered(params):
     return contextlib.nullcontext()
 
 
-def read_adapter_head(path: str) -> torch.Tensor | None:
-    """The scalar head saved with a sequence-classification LoRA adapter (modules_to_save: score)."""
+def read_adapter_head(path: str, head: str) -> torch.Tensor | None:
+    """The scalar head saved with a sequence-classification LoRA adapter (modules_to_save: the family's head)."""
     from safetensors.torch import load_file
 
     weights = load_file(os.path.join(path, "adapter_model.safetensors"))
     for key, value in weights.items():
-        if key.endswith(("score.weight", "classifier.weight")):
+        if key.endswith(f"{head}.weight"):
             return value
     return None
 

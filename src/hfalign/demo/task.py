@@ -12,7 +12,7 @@ PPO's effect can be measured rather than trusted to the reward model:
 - PPO prompts: titles; eval prompts use titles never seen in training.
 
 `positivity()` and `well_formed()` are the rule; `objective()` combines them; `positivity_reward()` is a ready-made
-Python reward function for `reward.function: hfalign.task:positivity_reward`.
+Python reward function for `reward.function: hfalign.demo.task:positivity_reward`.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def objective(completion: str) -> float:
 
 
 def positivity_reward(prompts: list[str], completions: list[str]) -> list[float]:
-    """A Python reward function (reward.function: hfalign.task:positivity_reward)."""
+    """A Python reward function (reward.function: hfalign.demo.task:positivity_reward)."""
     return [objective(c) for c in completions]
 
 

@@ -1,0 +1,86 @@
+"""recipe -> the stage's trainer config (trl.SFTConfig, trl.RewardConfig, hfalign PPOConfig).
+
+`check()` types and range-checks the recipe's `train:` mapping against the config class (preflight runs it);
+`build()` makes the config object: the user's values plus what hfalign decides (output_dir, backend, reporting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from hfalign.errors import UserError
+from hfalign.recipe import Recipe
+from hfalign.schema import check_keys, check_value, field_types
+
+# Keys hfalign owns elsewhere in the recipe; setting them under train: would be ambiguous.
+OWNED_KEYS = {
+    "output_dir": "set the top-level 'output_dir' instead",
+    "model_init_kwargs": "use the 'model' section (dtype, attn_implementation, revision)",
+    "trust_remote_code": "set 'model.trust_remote_code'",
+    "chat_template_path": "set 'model.chat_template'",
+    "pad_token": "set 'model.pad_token'",
+    "resume_from_checkpoint": "set the top-level 'resume' (true resumes from the run directory's last checkpoint)",
+    "overwrite_output_dir": "set the top-level 'overwrite'",
+}
+
+# Keys that older recipes (transformers 4, older TRL) carry: say what replaced them instead of "unknown key".
+RENAMED = {
+    "evaluation_strategy": "renamed to 'eval_strategy' in transformers 5",
+    "logging_dir": "removed in transformers 5: TensorBoard writes under output_dir/runs, or set TENSORBOARD_LOGGING_DIR",
+    "max_seq_length": "renamed to 'max_length' in TRL",
+    "torch_dtype": "set 'model.dtype'",
+    "tokenizer": "set 'model.tokenizer'",
+}
+
+POSITIVE = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+            "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps", "eval_steps",
+            "num_ppo_epochs", "num_mini_batches", "response_length", "temperature", "local_rollout_forward_batch_size")
+NON_NEGATIVE = ("weight_decay", "warmup_steps", "max_grad_norm", "kl_coef", "cliprange", "cliprange_value", "vf_coef",
+                "entropy_coef", "save_total_limit", "warmup_ratio")
+
+
+def check(recipe: Recipe, cls: type) -> None:
+    """Check `train:` against the config class: known keys, types, ranges; then let the class itself judge.
+    Replaces recipe.train by the typed values (YAML 1.1's '1e-5' string becomes a float)."""
+    types_ = field_types(cls)
+    allowed = [f.name for f in dataclasses.fields(cls) if f.init]
+    train = recipe.train
+    for key in train:
+        if key in OWNED_KEYS:
+            raise UserError(f"'train.{key}' is set by hfalign.", fix=OWNED_KEYS[key])
+        if key in RENAMED and key not in allowed:
+            raise UserError(f"'train.{key}' is not a {cls.__name__} field.", fix=RENAMED[key])
+    check_keys(train, allowed, "train")
+    checked = {key: check_value(value, types_[key], f"train.{key}") for key, value in train.items()}
+    for key in POSITIVE:
+        if key in checked and checked[key] is not None and checked[key] <= 0:
+            raise UserError(f"'train.{key}' must be > 0, got {checked[key]}.", fix=f"set train.{key} to a positive number")
+    for key in NON_NEGATIVE:
+        if key in checked and checked[key] is not None and checked[key] < 0:
+            raise UserError(f"'train.{key}' must be >= 0, got {checked[key]}.", fix=f"set train.{key} to 0 or more")
+    recipe.train = checked
+    try:
+        build(recipe, cls, probe=True)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"train: {cls.__name__} rejects these settings: {e}", fix="adjust the train: section") from None
+
+
+def build(recipe: Recipe, cls: type, probe: bool = False):
+    """The stage's config object. `probe`: for checks only (no distributed state is touched)."""
+    import torch
+
+    kwargs = dict(recipe.train)
+    kwargs["output_dir"] = recipe.output_dir
+    if not torch.cuda.is_available():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not probe:
+            # Launched on CPU: without gloo, accelerate/DeepSpeed see world_size 1 and DeepSpeed's batch assert fires.
+            kwargs.setdefault("ddp_backend", "gloo")
+        kwargs.setdefault("bf16", False)  # TRL configs default to bf16, which CPUs reject without use_cpu
+    kwargs.setdefault("report_to", "none")
+    kwargs.setdefault("disable_tqdm", True)  # the metrics callback prints one concise line per log instead
+    if recipe.model.trust_remote_code and "trust_remote_code" in {f.name for f in dataclasses.fields(cls)}:
+        kwargs["trust_remote_code"] = True
+    if probe:
+        kwargs.pop("deepspeed", None)  # the DeepSpeed plugin would initialise distributed state; checked at train time
+    return cls(**kwargs)
