@@ -25,7 +25,7 @@ def test_kl_estimators():
 def test_reward_lands_on_the_eos_token_and_nothing_after():
     # responses: [5, EOS, PAD, PAD] and a truncated [5, 6, 7, 8]
     responses = T([[5, 2, 0, 0], [5, 6, 7, 8]])
-    mask, last, has_eos = core.response_mask(responses, eos_id=2)
+    mask, last, has_eos = core.response_mask(responses, stop_ids=2)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert last.tolist() == [1, 3] and has_eos.tolist() == [True, False]
     kl = T([[0.5, -1.0, 9.0, 9.0], [0.0, 0.0, 0.0, 1.0]]) * mask
@@ -33,6 +33,14 @@ def test_reward_lands_on_the_eos_token_and_nothing_after():
     # row 0: -0.1*[0.5, -1] = [-0.05, 0.1], + score 2 on the EOS (index 1, not the pad at index 2: trl#3750)
     assert torch.allclose(rewards, T([[-0.05, 2.1, 0.0, 0.0], [0.0, 0.0, 0.0, -1.1]]))
     assert torch.allclose(non_score, T([[-0.05, 0.1, 0.0, 0.0], [0.0, 0.0, 0.0, -0.1]]))
+
+
+def test_a_stop_token_ends_a_response_like_eos():
+    """LLaMA-3 chat ends a turn with <|eot_id|> (here id 9), not EOS: the response ends, and is scored, there."""
+    responses = T([[5, 9, 2, 0], [5, 6, 2, 9], [5, 6, 7, 8]])
+    mask, last, has_eos = core.response_mask(responses, stop_ids=[2, 9])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert last.tolist() == [1, 2, 3] and has_eos.tolist() == [True, True, False]
 
 
 def test_gae_by_hand():
@@ -116,3 +124,29 @@ def test_running_moments_match_batch_statistics():
     m.update(xs[30:])
     assert m.mean == pytest.approx(xs.mean().item(), abs=1e-6)
     assert m.std == pytest.approx(xs.std(unbiased=False).item(), rel=1e-4)
+
+
+def test_selective_logprobs_match_log_softmax_in_value_and_gradient(monkeypatch):
+    """The block-wise log-softmax (no full-vocabulary copy) equals the plain one, forward and backward, across
+    block boundaries and at a temperature, for fp32 and bf16 logits."""
+    monkeypatch.setattr(core, "CHUNK_ROWS", 5)  # 3 x 7 = 21 rows: blocks of 5, the last one partial
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(3, 7, 50) * 3).to(dtype).requires_grad_(True)
+        tokens = torch.randint(0, 50, (3, 7))
+        weights = torch.randn(3, 7)
+        ours = core.logprobs_from_logits(logits, tokens, temperature=0.7)
+        (ours * weights).sum().backward()
+        grad_ours, logits.grad = logits.grad.clone(), None
+        ref = torch.log_softmax(logits.float() / 0.7, -1).gather(2, tokens[..., None]).squeeze(-1)
+        (ref * weights).sum().backward()
+        assert ours.dtype == torch.float32
+        assert torch.allclose(ours, ref, atol=1e-5)
+        assert torch.allclose(grad_ours.float(), logits.grad.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_entropy_no_grad_matches_and_keeps_no_graph(monkeypatch):
+    monkeypatch.setattr(core, "CHUNK_ROWS", 4)
+    logits = torch.randn(2, 5, 30, requires_grad=True)
+    ent = core.entropy_no_grad(logits, 0.7)
+    assert not ent.requires_grad and torch.allclose(ent, core.entropy_from_logits(logits, 0.7), atol=1e-6)

@@ -13,12 +13,19 @@ import torch
 from helpers import ACCELERATE, PYTHON, ROOT, ppo_args, read_jsonl, run
 from safetensors.torch import load_file
 
+from hfalign import rundir
+
 pytestmark = pytest.mark.slow
 
 
-def launch(config: str, port: int, args: list[str]):
-    return run([*ACCELERATE, "--config_file", str(ROOT / "accelerate_configs" / config), "--num_processes", "2",
-                "--main_process_port", str(port), "-m", "hfalign", "recipes/ppo.yaml", *args])
+def launch_cmd(config: str, port: int, args: list[str], precision: str | None = None) -> list[str]:
+    extra = ["--mixed_precision", precision] if precision else []
+    return [*ACCELERATE, "--config_file", str(ROOT / "accelerate_configs" / config), "--num_processes", "2", *extra,
+            "--main_process_port", str(port), "-m", "hfalign", "recipes/ppo.yaml", *args]
+
+
+def launch(config: str, port: int, args: list[str], precision: str | None = None):
+    return run(launch_cmd(config, port, args, precision))
 
 
 @pytest.mark.parametrize("config, port", [("zero2.yaml", 29541), ("zero3.yaml", 29542)])
@@ -89,3 +96,43 @@ def test_killed_run_resumes_with_the_same_command(pipeline, tmp_path):
 def _ckpt(proc) -> int:
     line = next(ln for ln in proc.stdout.splitlines() if "resuming ppo from" in ln)
     return int(line.rsplit("-", 1)[-1])
+
+
+@pytest.mark.parametrize("config, port", [("zero2.yaml", 29544), ("zero3.yaml", 29545)])
+def test_deepspeed_bf16_from_the_launch(pipeline, tmp_path, config, port):
+    """`--mixed_precision bf16` on the launch is the run's precision (it died on DeepSpeed's 'ds bf16.enabled=True vs
+    hf bf16=False'); the heads are stored as DeepSpeed stores every trainable parameter, values stay fp32."""
+    out = tmp_path / "ppo"
+    launch(config, port, ppo_args(pipeline, out, "train.per_device_train_batch_size=8", "train.total_episodes=64"),
+           precision="bf16")
+    updates = read_jsonl(out / "metrics.jsonl", having="objective/kl")
+    assert [u["episode"] for u in updates] == [32, 64]
+    assert all(abs(u["val/ratio"] - 1) < 0.1 for u in updates)
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert args.bf16 and not args.fp16
+
+
+def test_two_process_run_killed_and_resumed_logs_each_update_once(pipeline, tmp_path):
+    """After a 2-process resume only rank 0 writes metrics (both ranks did: 380 lines for 200 updates), and a
+    checkpoint torn by the kill is passed over."""
+    out = tmp_path / "ppo"
+    cmd = launch_cmd("zero2.yaml", 29546, ppo_args(pipeline, out, "train.per_device_train_batch_size=8",
+                                                   "train.total_episodes=384", "train.save_steps=2",
+                                                   "train.save_total_limit=3"))
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "checkpoint-4" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    # the workers run in sessions of their own: kill every process of this run (each names its output_dir)
+    subprocess.run(["pkill", "-9", "-f", f"output_dir={out}"], check=False)
+    proc.wait()
+    time.sleep(0.5)
+    assert marker.exists() and not (out / "hfalign_done.json").exists(), "the run was not killed mid-way"
+    for ckpt in rundir.checkpoints(out)[1:]:  # checkpoint-4 (and any later): as if the kill came mid-save
+        (ckpt / "trainer_state.json").unlink(missing_ok=True)
+    resumed = run(cmd)
+    assert "checkpoint-2" in next(ln for ln in resumed.stdout.splitlines() if "resuming ppo from" in ln)
+    assert "incomplete" in resumed.stdout
+    steps = [u["step"] for u in read_jsonl(out / "metrics.jsonl", having="objective/kl")]
+    assert steps == list(range(1, 13)), "each update logged once, by one rank"

@@ -185,9 +185,12 @@ def pipeline_free_dirs(tiny_model):
          ["data.format 'preference' does not fit stage 'ppo'"]),
         (lambda r: r["data"].update(columns={"prompt": "question"}), ["line 1", "missing column 'question'",
                                                                        "data.columns.prompt"]),
+        (lambda r: r.update(lora={"enabled": True}, quantization={"load_in_4bit": True}, value={"shared_base": False}),
+         ["critic of its own under quantization", "value.shared_base: true"]),
     ],
     ids=["no-reward", "reward-both", "fn-module", "fn-name", "fn-spec", "summary-fn", "rm-missing", "kl-estimator",
-         "cliprange", "response-length", "batch-too-big", "kl-guard", "sample-table", "wrong-format", "bad-rename"],
+         "cliprange", "response-length", "batch-too-big", "kl-guard", "sample-table", "wrong-format", "bad-rename",
+         "qlora-own-critic"],
 )
 def test_bad_ppo_recipe(write_recipe, ppo_recipe, mutate, needles):
     code, _, err = cli("validate", str(write_recipe(ppo_recipe)))

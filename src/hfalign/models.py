@@ -208,12 +208,12 @@ def lora_config(lora: LoraSection, model, task_type: str):
     )
 
 
-def prepare_quantized(model, gradient_checkpointing: bool = False):
+def prepare_quantized(model, activation_checkpointing: bool = False):
     """QLoRA: freeze the 4/8-bit base, cast norms to fp32, enable input grads."""
     from peft import prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing)
     return model
 
 

@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import yaml
@@ -53,10 +54,45 @@ def resolved(recipe: Recipe) -> dict:
     return {k: v for k, v in data.items() if v is not None}
 
 
-def last_checkpoint(out: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N directories, oldest first."""
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()] if out.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
-    return get_last_checkpoint(str(out)) if out.is_dir() else None
+
+def complete_checkpoint(path: Path) -> bool:
+    """Whole, not torn by a kill during the save: Trainer writes trainer_state.json after every other file (PPO's own
+    state before it), and every weight / optimizer file must be intact to its last byte."""
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        for f in path.rglob("*"):
+            if f.suffix == ".safetensors" and not _safetensors_intact(f):
+                return False
+            if f.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(f):  # torch.save writes a zip
+                return False
+            if f.suffix == ".json":
+                json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _safetensors_intact(path: Path) -> bool:
+    """The header parses and the file is exactly as long as the tensors it declares."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        n = int.from_bytes(head, "little")
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return path.stat().st_size == 8 + n + end
+
+
+def last_checkpoint(out: Path) -> str | None:
+    """The newest complete checkpoint (a torn newer one is passed over)."""
+    complete = [p for p in checkpoints(out) if complete_checkpoint(p)]
+    return str(complete[-1]) if complete else None
 
 
 def decide(recipe: Recipe) -> tuple[str, str | None]:
@@ -90,6 +126,9 @@ def prepare(recipe: Recipe, is_main: bool, logs: dict[str, str]) -> str | None:
         if mode == "overwrite":
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        for torn in (p for p in checkpoints(out) if not complete_checkpoint(p)):
+            print(f"hfalign: {torn} is incomplete (the run died while saving it); removed", flush=True)
+            shutil.rmtree(torn)
         for name, key in logs.items():
             if mode == "fresh":
                 (out / name).unlink(missing_ok=True)

@@ -35,7 +35,8 @@ RENAMED = {
 
 POSITIVE = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
             "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps", "eval_steps",
-            "num_ppo_epochs", "num_mini_batches", "response_length", "temperature", "local_rollout_forward_batch_size")
+            "num_ppo_epochs", "num_mini_batches", "response_length", "temperature", "local_rollout_forward_batch_size",
+            "max_prompt_length")
 NON_NEGATIVE = ("weight_decay", "warmup_steps", "max_grad_norm", "kl_coef", "cliprange", "cliprange_value", "vf_coef",
                 "entropy_coef", "save_total_limit", "warmup_ratio")
 
@@ -66,17 +67,36 @@ def check(recipe: Recipe, cls: type) -> None:
         raise UserError(f"train: {cls.__name__} rejects these settings: {e}", fix="adjust the train: section") from None
 
 
+def precision(recipe: Recipe) -> str:
+    """'no' | 'bf16' | 'fp16', the same rule for every stage: the recipe's train.bf16 / train.fp16 when it sets one,
+    else the launch's (accelerate config or `accelerate launch --mixed_precision`), else 'no' (compute in the weights'
+    dtype, model.dtype). Under DeepSpeed the two must agree (DeepSpeed's config is built from the launch's)."""
+    train = recipe.train
+    asked = "bf16" if train.get("bf16") else "fp16" if train.get("fp16") else \
+        "no" if train.get("bf16") is False or train.get("fp16") is False else None
+    launch = os.environ.get("ACCELERATE_MIXED_PRECISION")  # accelerate launch sets it, from its config or flag
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" or train.get("deepspeed")
+    if asked and launch and asked != launch and deepspeed:
+        raise UserError(f"the launch asks for mixed precision {launch!r} (accelerate config or --mixed_precision), the "
+                        f"recipe's train.bf16/train.fp16 for {asked!r}, and DeepSpeed needs one answer.",
+                        fix=f"remove train.bf16/train.fp16 (the launch decides), or launch with --mixed_precision {asked}")
+    return asked or launch or "no"
+
+
 def build(recipe: Recipe, cls: type, probe: bool = False):
     """The stage's config object. `probe`: for checks only (no distributed state is touched)."""
     import torch
 
     kwargs = dict(recipe.train)
     kwargs["output_dir"] = recipe.output_dir
+    mixed = precision(recipe)
+    kwargs["bf16"], kwargs["fp16"] = mixed == "bf16", mixed == "fp16"
     if not torch.cuda.is_available():
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not probe:
             # Launched on CPU: without gloo, accelerate/DeepSpeed see world_size 1 and DeepSpeed's batch assert fires.
             kwargs.setdefault("ddp_backend", "gloo")
-        kwargs.setdefault("bf16", False)  # TRL configs default to bf16, which CPUs reject without use_cpu
+        if mixed == "bf16":
+            kwargs.setdefault("use_cpu", True)  # transformers takes bf16 autocast on a CPU only when told it is one
     kwargs.setdefault("report_to", "none")
     kwargs.setdefault("disable_tqdm", True)  # the metrics callback prints one concise line per log instead
     if recipe.model.trust_remote_code and "trust_remote_code" in {f.name for f in dataclasses.fields(cls)}:

@@ -36,7 +36,35 @@ def assemble(policy, **parts) -> PolicyAndValue:
 
 
 def build(recipe: Recipe, tokenizer) -> PolicyAndValue:
+    if recipe.reward.model:
+        check_same_tokenizer(recipe.reward.model, tokenizer)
     return _build_shared(recipe, tokenizer) if recipe.lora.enabled else _build_full(recipe, tokenizer)
+
+
+def check_same_tokenizer(reward_dir: str, tokenizer) -> None:
+    """The reward model reads the policy's token ids as they are, so it must have been trained with the same
+    tokenizer; a different one (or a smaller vocabulary, which loading would silently resize) is refused."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from hfalign.errors import UserError
+
+    fix = ("train the reward model on the policy's base and tokenizer (make rm from the SFT model), "
+           "or score text with reward.function")
+    cfg = os.path.join(reward_dir, "config.json")
+    if os.path.isfile(cfg):
+        with open(cfg, encoding="utf-8") as f:
+            vocab = json.load(f).get("vocab_size")
+        if vocab and vocab < len(tokenizer):
+            raise UserError(f"'reward.model' ({reward_dir}) has a vocabulary of {vocab}, smaller than the policy "
+                            f"tokenizer's {len(tokenizer)}.", fix=fix)
+    if not os.path.isfile(os.path.join(reward_dir, "tokenizer_config.json")):
+        return
+    theirs = AutoTokenizer.from_pretrained(reward_dir)
+    if theirs.get_vocab() != tokenizer.get_vocab() or theirs.eos_token_id != tokenizer.eos_token_id:
+        raise UserError(f"'reward.model' ({reward_dir}) was trained with another tokenizer than the policy's "
+                        f"({len(theirs)} vs {len(tokenizer)} tokens).", fix=fix)
 
 
 def _trainable_critic(model):
@@ -130,8 +158,12 @@ def _build_shared(recipe: Recipe, tokenizer) -> PolicyAndValue:
 
 def from_trl_args(policy, ref_model, reward_model, value_model, peft_config) -> PolicyAndValue:
     """TRL-style arguments -> PolicyAndValue. With peft_config the reference is the base with the adapter off, and
-    without a value_model the critic is a second adapter plus a fresh fp32 head on the same base."""
+    without a value_model the critic is a second adapter plus a fresh fp32 head on the same base. The heads of the
+    given value and reward models become fp32 (pitfall 11), as on the recipe path."""
     reward = freeze(reward_model) if reward_model is not None else None
+    for model in (value_model, reward):
+        if model is not None:
+            fp32_score_head(model)
     if peft_config is not None:
         from peft import get_peft_model
 

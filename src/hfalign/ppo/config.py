@@ -24,11 +24,14 @@ class PPOConfig(TrainingArguments):
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; logprobs use the same one."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1.0 = off)."})
+    stop_tokens: list[str] | None = field(default=None, metadata={"help": "Tokens that end a response besides EOS, by name (e.g. ['<|eot_id|>']). null: the family's end-of-turn tokens the tokenizer has (models.FAMILIES)."})
+    stop_token_ids: list[int] | None = field(default=None, metadata={"help": "The same by id; joins stop_tokens."})
+    max_prompt_length: int | None = field(default=1024, metadata={"help": "Longer prompts lose their beginning (tokens cut on the left; counted in the log). null: no limit."})
     local_rollout_forward_batch_size: int = field(default=64, metadata={"help": "Per-process batch of no-grad forward passes in the rollout."})
     ds3_gather_for_generation: bool = field(default=True, metadata={"help": "ZeRO-3: gather weights for generation (faster) instead of generating sharded."})
 
     # Score
-    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of a response with no EOS (truncated)."})
+    missing_eos_penalty: float | None = field(default=1.0, metadata={"help": "Subtracted from the score of a truncated response (no EOS or stop token within response_length): a cut-off answer is not a finished one (pitfall 8). null: no penalty."})
     score_clip: float | None = field(default=None, metadata={"help": "Clip scores to [-score_clip, score_clip]."})
     normalize_scores: bool = field(default=False, metadata={"help": "Normalise scores by their running mean and std."})
 

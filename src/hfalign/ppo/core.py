@@ -37,11 +37,13 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return out * mask
 
 
-def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mask, last index, has_eos) of each response. The last real token is the first EOS, or the final token of a
-    truncated response; the reward goes there, not on the pad after EOS (huggingface/trl#3750)."""
+def response_mask(responses: torch.Tensor, stop_ids: int | list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mask, last index, has_eos) of each response. The last real token is the first stop token (EOS, or an
+    end-of-turn token such as LLaMA-3's <|eot_id|>), or the final token of a truncated response; the reward goes
+    there, not on the pad after it (huggingface/trl#3750). has_eos: the response ended with a stop token."""
     B, T = responses.shape
-    is_eos = responses == eos_id
+    stops = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=responses.device)
+    is_eos = torch.isin(responses, stops)
     has_eos = is_eos.any(dim=1)
     first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, T - 1, dtype=torch.long))
     positions = torch.arange(T, device=responses.device).expand(B, T)
@@ -54,18 +56,63 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+CHUNK_ROWS = 1024  # rows (token positions) of a [rows, vocab] block worked on at once: 1024 x 152k fp32 = 620 MB
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(logits / T)[token] without materialising another full-vocabulary tensor (pitfall 18): forward and
+    backward walk blocks of CHUNK_ROWS rows in fp32; only the logits themselves and one [rows] logsumexp are kept."""
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def forward(ctx, logits, tokens, temperature):  # fp32 whatever autocast is on outside (pitfall 11)
+        flat, tok = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)
+        out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for i in range(0, flat.shape[0], CHUNK_ROWS):
+            x = flat[i:i + CHUNK_ROWS].float() / temperature
+            lse[i:i + CHUNK_ROWS] = torch.logsumexp(x, dim=-1)
+            out[i:i + CHUNK_ROWS] = x.gather(1, tok[i:i + CHUNK_ROWS, None]).squeeze(1) - lse[i:i + CHUNK_ROWS]
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature = temperature
+        return out.reshape(tokens.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, tokens, lse = ctx.saved_tensors
+        flat, tok, g = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), grad_out.reshape(-1).float()
+        grad = torch.empty_like(flat)
+        for i in range(0, flat.shape[0], CHUNK_ROWS):
+            rows = slice(i, i + CHUNK_ROWS)
+            probs = torch.exp(flat[rows].float() / ctx.temperature - lse[rows, None])
+            block = -probs * g[rows, None]  # d/dx_j (x_token - lse) = 1[j = token] - p_j, times 1/T
+            block.scatter_add_(1, tok[rows, None], g[rows, None])
+            grad[rows] = (block / ctx.temperature).to(grad.dtype)
+        return grad.reshape(logits.shape), None, None
+
+
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(token) at the sampling temperature, in fp32 (trl#2358: logprobs at T=1 of samples drawn at T make
-    PPO off-policy from step one; OpenRLHF PR #634: bf16 logits make KL noisy)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
+    PPO off-policy from step one; OpenRLHF PR #634: bf16 logits make KL noisy), computed block by block so no
+    fp32 / temperature-scaled / log-softmax copy of the [B, T, vocab] logits is ever made (pitfall 18)."""
+    return _SelectiveLogSoftmax.apply(logits, tokens, float(temperature))
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token entropy of the sampling distribution; always >= 0."""
+    """Per-token entropy of the sampling distribution; always >= 0. Differentiable (full-vocabulary temporaries):
+    use it only when the entropy bonus is on, and entropy_no_grad for logging."""
     logits = logits.float() / temperature
     p = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)
+
+
+@torch.no_grad()
+def entropy_no_grad(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """entropy_from_logits for logging: no graph, block by block, no full-vocabulary copy."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.cat([entropy_from_logits(flat[i:i + CHUNK_ROWS], temperature) for i in range(0, flat.shape[0], CHUNK_ROWS)])
+    return out.reshape(logits.shape[:-1])
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

@@ -1,44 +1,136 @@
-"""The seam through which PPO samples. Today: Hugging Face `generate` on the policy (gathered under ZeRO-3); a
-faster backend (vLLM, SGLang) plugs in here by answering the same call: prompts in, right-padded responses out.
+"""The seam through which PPO samples. Today: Hugging Face `generate` on the generating role's model only (gathered
+under ZeRO-3); a faster backend (vLLM, SGLang) plugs in here by answering the same call: left-padded prompts in,
+right-padded responses out.
+
+On-policy sampling (pitfall 16): transformers fills every sampling field left unset from the checkpoint's
+generation_config.json and then from library defaults (top_k=50), while PPO's logprobs describe the plain softmax at
+the temperature. So generation runs with a config hfalign owns entirely (the checkpoint's is swapped out for the
+call, and top_k=0 is explicit); a checkpoint whose generation_config asks for other sampling is told, once, that it is
+ignored. top_k / top_p from the recipe are honoured; then sampling draws from the truncated distribution while the
+logprobs stay those of the full softmax, so PPO is slightly off-policy (README: PPO).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 from transformers import GenerationConfig
+
+log = logging.getLogger("hfalign")
+# Sampling fields of a checkpoint's generation_config that would change what is sampled, with their neutral values.
+NEUTRAL = {"top_k": 50, "top_p": 1.0, "temperature": 1.0, "typical_p": 1.0, "min_p": None, "repetition_penalty": 1.0,
+           "no_repeat_ngram_size": 0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "bad_words_ids": None,
+           "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None, "min_length": 0,
+           "min_new_tokens": None, "forced_eos_token_id": None, "exponential_decay_length_penalty": None}
+
+
+def _pretrained(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def ignored_sampling_fields(model) -> dict:
+    """What the checkpoint's generation_config sets that PPO's sampling will not use."""
+    gen = getattr(_pretrained(model), "generation_config", None)
+    if gen is None:
+        return {}
+    return {k: getattr(gen, k, None) for k, neutral in NEUTRAL.items()
+            if getattr(gen, k, None) not in (None, neutral) and k not in ("temperature",)}
+
+
+def stop_token_ids(args, tokenizer, model) -> list[int]:
+    """EOS first, then the recipe's stop tokens (names and ids), or else the family's end-of-turn tokens that this
+    tokenizer has (LLaMA-3 chat ends a turn with <|eot_id|>, GLM-4 with <|user|>: models.FAMILIES)."""
+    from hfalign.errors import UserError
+    from hfalign.models import family_of
+
+    vocab = tokenizer.get_vocab()
+    names = args.stop_tokens
+    if names is None and args.stop_token_ids is None:
+        names = [t for t in family_of(model).stop_tokens if t in vocab]
+    for name in names or []:
+        if name not in vocab:
+            raise UserError(f"train.stop_tokens names {name!r}, which is not a token of this tokenizer.",
+                            fix="use the exact token text (e.g. '<|eot_id|>'), or train.stop_token_ids")
+    ids = [tokenizer.eos_token_id, *(vocab[n] for n in names or []), *(args.stop_token_ids or [])]
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 class HFGenerator:
     """Sample responses with `model.generate`, in chunks of `local_rollout_forward_batch_size` prompts."""
 
-    def __init__(self, args, tokenizer):
-        self.args, self.tokenizer = args, tokenizer
+    def __init__(self, args, tokenizer, stop_ids: list[int]):
+        self.args, self.tokenizer, self.stop_ids = args, tokenizer, stop_ids
+        self._told = False
 
     def generation_config(self) -> GenerationConfig:
         a = self.args
         return GenerationConfig(max_new_tokens=a.response_length, do_sample=True, temperature=a.temperature,
-                                top_k=a.top_k or None, top_p=a.top_p, eos_token_id=self.tokenizer.eos_token_id,
-                                pad_token_id=self.tokenizer.pad_token_id)
+                                top_k=a.top_k, top_p=a.top_p, eos_token_id=self.stop_ids,
+                                pad_token_id=self.tokenizer.pad_token_id, bos_token_id=self.tokenizer.bos_token_id)
 
     @torch.no_grad()
     def __call__(self, model_wrapped, accelerator, queries: torch.Tensor, qmask: torch.Tensor, role: str) -> torch.Tensor:
         """Responses [B, T] for left-padded `queries`, from `role` ('policy' or 'ref') of the wrapped PolicyAndValue;
         T is the longest response, shorter ones padded with the pad token."""
-        from trl.models.utils import unwrap_model_for_generation
-
-        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-        zero3 = plugin is not None and plugin.zero_stage == 3
-        gather = self.args.ds3_gather_for_generation
-        chunk = self.args.local_rollout_forward_batch_size
+        config, chunk = self.generation_config(), self.args.local_rollout_forward_batch_size
         outs = []
-        with unwrap_model_for_generation(model_wrapped, accelerator, gather_deepspeed3_params=gather) as unwrapped:
-            gen_model, ctx = unwrapped.generator(role)
-            with ctx:
+        with _generating(model_wrapped, accelerator, role, self.args.ds3_gather_for_generation) as (model, synced):
+            self._tell_once(model)
+            with _owned_generation_config(model, config):
                 for i in range(0, len(queries), chunk):
-                    seq = gen_model.generate(input_ids=queries[i:i + chunk], attention_mask=qmask[i:i + chunk],
-                                             generation_config=self.generation_config(),
-                                             synced_gpus=zero3 and not gather and accelerator.num_processes > 1)
+                    seq = model.generate(input_ids=queries[i:i + chunk], attention_mask=qmask[i:i + chunk],
+                                         generation_config=config, synced_gpus=synced)
                     outs.append(seq[:, queries.shape[1]:])
         width = max(o.shape[1] for o in outs)
         pad = self.tokenizer.pad_token_id
         return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad) for o in outs])
+
+    def _tell_once(self, model) -> None:
+        ignored = ignored_sampling_fields(model)
+        if ignored and not self._told and self.args.process_index == 0:
+            print(f"hfalign: the checkpoint's generation_config sets {ignored}; PPO ignores it and samples from the "
+                  "softmax at train.temperature (with train.top_k / train.top_p if set), so logprobs describe what "
+                  "was sampled", flush=True)
+        self._told = True
+
+
+@contextlib.contextmanager
+def _owned_generation_config(model, config: GenerationConfig):
+    """Swap the checkpoint's generation_config out for the call, so none of its fields fill ours."""
+    inner = _pretrained(model)
+    saved = inner.generation_config
+    inner.generation_config = config
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
+
+@contextlib.contextmanager
+def _generating(model_wrapped, accelerator, role: str, gather: bool):
+    """(the generating model, synced_gpus). Under ZeRO-3 only that model's parameters are gathered (pitfall 10; not
+    the reference, critic or reward model beside it), and DeepSpeed's fetch hooks are lifted while it generates."""
+    unwrapped = accelerator.unwrap_model(model_wrapped)
+    model, role_context = unwrapped.generator(role)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    zero3 = plugin is not None and plugin.zero_stage == 3
+    if not zero3:
+        with role_context:
+            yield model, False
+        return
+    if not gather:  # sharded generation: every rank keeps stepping until all are done
+        with role_context:
+            yield model, accelerator.num_processes > 1
+        return
+    import deepspeed
+    from trl.models.utils import add_hooks, remove_hooks
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        remove_hooks(model_wrapped)
+        try:
+            with role_context:
+                yield model, False
+        finally:
+            add_hooks(model_wrapped)

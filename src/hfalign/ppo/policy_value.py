@@ -61,7 +61,8 @@ def head_from(model: nn.Module) -> nn.Module:
 class PolicyAndValue(nn.Module):
     """forward(mode=...): 'train' -> (logits, values); 'ref' -> logits; 'reward' -> per-token scores.
 
-    Per-token values and scores come from a head applied to every hidden state, in fp32 (pitfall 11)."""
+    Per-token values and scores come from a head applied to every hidden state, in fp32 (pitfall 11). Logits are
+    returned for the last `logits_to_keep` positions only when asked (pitfall 18: prompt positions are never used)."""
 
     def __init__(self, policy, critic=None, ref=None, reward=None, value_head=None, reward_head=None, stacks=None):
         super().__init__()
@@ -69,23 +70,58 @@ class PolicyAndValue(nn.Module):
         self.value_head, self.reward_head = value_head, reward_head
         self.stacks = stacks or {}  # shared mode: adapter stack per role; "ref": None means adapters disabled
         self._trainable: set[int] = set()
+        self._role = "policy"  # the role whose adapter stack is active now
+        self._checkpointing: dict | None = None  # the kwargs activation checkpointing was enabled with
         self.config = getattr(policy, "config", None)  # Trainer and accelerate read model.config
 
-    # Gradient checkpointing applies to the trainable models (trl's unwrap_model_for_generation toggles it).
+    # -- activation checkpointing of the trainable models (Trainer enables it from args.activation_checkpointing) --
     @property
-    def is_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.policy, "is_gradient_checkpointing", False))
+    def is_activation_checkpointing(self) -> bool:
+        return self._checkpointing is not None
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+    is_gradient_checkpointing = is_activation_checkpointing
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        self._checkpointing = {"activation_checkpointing_kwargs": activation_checkpointing_kwargs, **kwargs}
         for m in (self.policy, self.critic):
             if m is not None:
-                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+        if self.shared:
+            for module in self.policy.modules():
+                fn = getattr(module, "_gradient_checkpointing_func", None)
+                if fn is not None and not getattr(fn, "role_aware", False):
+                    module._gradient_checkpointing_func = self._role_aware(fn)
 
-    def gradient_checkpointing_disable(self):
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):  # the pre-5 name
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self):
+        self._checkpointing = None
         for m in (self.policy, self.critic):
             if m is not None:
-                m.gradient_checkpointing_disable()
+                m.activation_checkpointing_disable()
 
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    def _role_aware(self, checkpoint_fn):
+        """Shared base, pitfall 17: a checkpointed layer is recomputed during backward with whatever adapter is active
+        *then* (the policy's), not the one its forward ran under (e.g. the value stack). Recompute under the same."""
+
+        def checkpointed(function, *args, **kwargs):
+            role = self._role
+
+            def replay(*a, **k):
+                if self._role == role:  # the forward itself, or a replay under the right stack already
+                    return function(*a, **k)
+                with self.adapters(role):
+                    return function(*a, **k)
+
+            return checkpoint_fn(replay, *args, **kwargs)
+
+        checkpointed.role_aware = True
+        return checkpointed
+
+    # -- adapter stacks (shared base) ------------------------------------------------------------------------------
     @property
     def shared(self) -> bool:
         return bool(self.stacks)
@@ -93,37 +129,47 @@ class PolicyAndValue(nn.Module):
     def remember_trainable(self) -> None:
         self._trainable = {id(p) for p in self.parameters() if p.requires_grad}
 
-    @contextlib.contextmanager
-    def adapters(self, role: str):
-        """Activate a role's adapter stack on the shared base; restore which parameters train afterwards
-        (PEFT's set_adapter marks every active adapter trainable)."""
-        if not self.shared:
-            yield
-            return
-        stack = self.stacks.get(role)
-        if stack is None:
-            with self.policy.disable_adapter():
-                yield
-            return
-        self.policy.base_model.set_adapter(stack)
+    def _activate(self, role: str) -> None:
+        """Make `role`'s adapter stack the active one; keep which parameters train (PEFT's set_adapter would mark
+        every active adapter trainable)."""
+        self.policy.base_model.set_adapter(self.stacks[role])
         for p in self.policy.parameters():
             p.requires_grad_(id(p) in self._trainable)
+        self._role = role
+
+    @contextlib.contextmanager
+    def adapters(self, role: str):
+        """Activate a role's adapter stack on the shared base for the block, then restore the one active before."""
+        if not self.shared or role == self._role:
+            yield
+            return
+        previous = self._role
+        if self.stacks.get(role) is None:  # the raw base
+            self._role = role
+            try:
+                with self.policy.disable_adapter():
+                    yield
+            finally:
+                self._role = previous
+            return
+        self._activate(role)
         try:
             yield
         finally:
-            self.policy.base_model.set_adapter(self.stacks["policy"])
-            for p in self.policy.parameters():
-                p.requires_grad_(id(p) in self._trainable)
+            self._activate(previous)
 
+    # -- the passes --------------------------------------------------------------------------------------------------
     def _hidden(self, model, input_ids, attention_mask, position_ids) -> torch.Tensor:
         """[batch, seq, hidden], whatever layout the family's backbone returns."""
         out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state
         return hidden.transpose(0, 1) if family_of(model).hidden_layout == "seq_first" else hidden
 
-    def _logits(self, model, role, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    def _logits(self, model, role, input_ids, attention_mask, position_ids, logits_to_keep: int | None) -> torch.Tensor:
+        kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         with self.adapters(role):
-            return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+            return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                         **kwargs).logits
 
     def values(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         if self.critic is not None:
@@ -142,15 +188,23 @@ class PolicyAndValue(nn.Module):
             hidden = self._hidden(self.policy, input_ids, attention_mask, position_ids)
         return _apply_head(self.reward_head, hidden)
 
-    def forward(self, input_ids, attention_mask, position_ids, mode: str = "train"):
+    def forward(self, input_ids, attention_mask, position_ids, mode: str = "train", logits_to_keep: int | None = None):
         if mode == "train":
-            logits = self._logits(self.policy, "policy", input_ids, attention_mask, position_ids)
+            logits = self._logits(self.policy, "policy", input_ids, attention_mask, position_ids, logits_to_keep)
             return logits, self.values(input_ids, attention_mask, position_ids)
         if mode == "ref":
-            return self._logits(self.ref if self.ref is not None else self.policy, "ref", input_ids, attention_mask, position_ids)
+            model = self.ref if self.ref is not None else self.policy
+            return self._logits(model, "ref", input_ids, attention_mask, position_ids, logits_to_keep)
         if mode == "reward":
             return self.reward_scores(input_ids, attention_mask, position_ids)
         raise ValueError(f"unknown mode {mode!r}")
+
+    def store_heads_as(self, dtype: torch.dtype) -> None:
+        """DeepSpeed with bf16/fp16 keeps every trainable parameter in that dtype (ZeRO-3 refuses mixed dtypes) and
+        fp32 master copies in its optimizer: the heads follow; FP32Head still computes in fp32."""
+        for module in self.modules():
+            if isinstance(module, FP32Head):
+                module.to(dtype)
 
     def generator(self, role: str = "policy"):
         """(model, context) to sample from: the policy, or the reference for the before/after summary."""
@@ -178,13 +232,26 @@ def train_policy_and_value_adapters(policy) -> None:
         p.requires_grad_(".default." in name or ".value." in name)
 
 
+class FP32Head(nn.Linear):
+    """A scalar head computed in fp32 whatever surrounds it (pitfall 11): bf16 autocast is off inside it, and under
+    DeepSpeed bf16 (which stores every parameter in bf16 and keeps fp32 master copies in the optimizer) the weight
+    is upcast for the product. Called as a module, so ZeRO-3 gathers its weight."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return nn.functional.linear(hidden.float(), self.weight.float(), bias)
+
+
 def _apply_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Call the head module (so ZeRO-3 gathers its weight); every head is fp32 (fp32_score_head), so are the values."""
-    return head(hidden.to(head.weight.dtype)).float().squeeze(-1)
+    """Per-token scalars in fp32: FP32Head computes in fp32; any other head runs in its own dtype, then upcast."""
+    if not isinstance(head, FP32Head):
+        hidden = hidden.to(head.weight.dtype)
+    return head(hidden).float().squeeze(-1)
 
 
-def linear_head(hidden_size: int, weight: torch.Tensor | None = None) -> nn.Linear:
-    head = nn.Linear(hidden_size, 1, bias=False, dtype=torch.float32)
+def linear_head(hidden_size: int, weight: torch.Tensor | None = None) -> FP32Head:
+    head = FP32Head(hidden_size, 1, bias=False, dtype=torch.float32)
     with torch.no_grad():
         if weight is None:
             head.weight.zero_()  # a fresh critic predicts 0 everywhere and learns from the returns
@@ -194,14 +261,14 @@ def linear_head(hidden_size: int, weight: torch.Tensor | None = None) -> nn.Line
 
 
 def fp32_score_head(model: nn.Module) -> None:
-    """Replace a scalar-head model's low-precision `score` head by an fp32 copy (pitfall 11: bf16 values are noisy).
+    """Replace a scalar-head model's head (the family's `score`/`classifier_head`) by an fp32 FP32Head copy.
     Under ZeRO-3 the weight is partitioned at load time, so it is gathered for the copy."""
     inner, name = _inner(model), family_of(model).head
     head = getattr(inner, name, None)
-    if not isinstance(head, nn.Linear) or head.weight.dtype == torch.float32:
+    if not isinstance(head, nn.Linear) or isinstance(head, FP32Head):
         return
     with _gathered(list(head.parameters())):
-        new = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, dtype=torch.float32)
+        new = FP32Head(head.in_features, head.out_features, bias=head.bias is not None, dtype=torch.float32)
         with torch.no_grad():
             new.weight.copy_(head.weight.float())
             if head.bias is not None:

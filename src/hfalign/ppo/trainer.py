@@ -15,6 +15,7 @@ Private transformers/accelerate API this module relies on (checked against trans
     Trainer._save_checkpoint          extended: writes hfalign_ppo_state.json beside Trainer's files
     Trainer._save                     replaced: policy and value files (saving.py)
     Trainer._load_rng_state           called on resume
+    Trainer._load_callback_state      called on resume (ExportableState callbacks)
     accelerator.gradient_state._set_sync_gradients   called: gradient accumulation in a custom loop
 """
 
@@ -35,7 +36,7 @@ from hfalign.errors import UserError
 from hfalign.ppo import core
 from hfalign.ppo.build import from_trl_args
 from hfalign.ppo.config import PPOConfig, plan, plan_problem
-from hfalign.ppo.generation import HFGenerator
+from hfalign.ppo.generation import HFGenerator, stop_token_ids
 from hfalign.ppo.policy_value import PolicyAndValue
 from hfalign.ppo.rollout import Rollout, left_pad, prompt_batches
 
@@ -54,11 +55,12 @@ class PPOTrainer(Trainer):
         if self.reward_fn is None and model.reward is None and model.reward_head is None:
             raise ValueError("PPOTrainer needs a reward: pass reward_model (a model or a function)")
         self.tokenizer = processing_class
-        self.generator = HFGenerator(args, processing_class)  # the sampling seam (ppo/generation.py)
-        self.prompts = [self._encode(p) for p in train_dataset["prompt"]]
-        self.eval_prompts = [self._encode(p) for p in eval_dataset["prompt"]] if eval_dataset is not None else []
+        self.stop_ids = stop_token_ids(args, processing_class, model.policy)
+        self.generator = HFGenerator(args, processing_class, self.stop_ids)  # the sampling seam (ppo/generation.py)
         super().__init__(model=model, args=args, processing_class=processing_class, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, callbacks=callbacks)
+        self.prompts = self._encode_all(train_dataset, "train")
+        self.eval_prompts = self._encode_all(eval_dataset, "eval") if eval_dataset is not None else []
         self.kl_coef = args.kl_coef
         self.moments = core.RunningMoments()
         self.episode = 0
@@ -68,6 +70,17 @@ class PPOTrainer(Trainer):
             return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
         return self.tokenizer(prompt)["input_ids"]
 
+    def _encode_all(self, dataset, name: str) -> list[list[int]]:
+        """Token ids of every prompt; longer than max_prompt_length -> cut on the left (the end of a prompt, where the
+        generation prompt is, is what the policy continues), and said once."""
+        ids = [self._encode(p) for p in dataset["prompt"]]
+        limit = self.args.max_prompt_length
+        cut = sum(len(x) > limit for x in ids) if limit else 0
+        if cut and self.args.process_index == 0:
+            print(f"hfalign: {cut} of {len(ids)} {name} prompts are longer than max_prompt_length {limit} tokens; "
+                  "their beginning is cut off", flush=True)
+        return [x[-limit:] for x in ids] if limit else ids
+
     # -- rollout ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, queries: torch.Tensor, qmask: torch.Tensor, role: str = "policy") -> Rollout:
@@ -76,22 +89,24 @@ class PPOTrainer(Trainer):
         t0 = time.perf_counter()
         responses = self.generator(model, self.accelerator, queries, qmask, role)
         timing["timing/generate"] = time.perf_counter() - t0
-        mask, last, has_eos = core.response_mask(responses, self.tokenizer.eos_token_id)
+        mask, last, has_eos = core.response_mask(responses, self.stop_ids)
         responses = torch.where(mask.bool(), responses, self.tokenizer.pad_token_id)
         full = torch.cat([queries, responses], 1)
         attn = torch.cat([qmask, mask], 1)
         pos = core.position_ids(attn)
-        Q = queries.shape[1]
+        Q, keep = queries.shape[1], responses.shape[1] + 1  # logits only where a response token is predicted
 
         t0 = time.perf_counter()
         logprobs, ref_logprobs, values, token_scores = [], [], [], []
         for i in range(0, len(full), a.local_rollout_forward_batch_size):
             s = slice(i, i + a.local_rollout_forward_batch_size)
-            logits, vals = model(full[s], attn[s], pos[s], mode="train")
-            logprobs.append(core.logprobs_from_logits(logits[:, Q - 1:-1], responses[s], a.temperature))
+            logits, vals = model(full[s], attn[s], pos[s], mode="train", logits_to_keep=keep)
+            logprobs.append(core.logprobs_from_logits(logits[:, :-1], responses[s], a.temperature))
             values.append(vals[:, Q - 1:-1])
-            ref_logits = model(full[s], attn[s], pos[s], mode="ref")
-            ref_logprobs.append(core.logprobs_from_logits(ref_logits[:, Q - 1:-1], responses[s], a.temperature))
+            del logits  # one model's logits alive at a time (pitfall 18)
+            ref_logits = model(full[s], attn[s], pos[s], mode="ref", logits_to_keep=keep)
+            ref_logprobs.append(core.logprobs_from_logits(ref_logits[:, :-1], responses[s], a.temperature))
+            del ref_logits
             if self.reward_fn is None:
                 token_scores.append(model(full[s], attn[s], pos[s], mode="reward"))
         if self.reward_fn is None:  # the score at the last real token of prompt + response (pitfall 4)
@@ -108,8 +123,8 @@ class PPOTrainer(Trainer):
     def _call_reward_fn(self, prompts: list[str], texts: list[str]) -> torch.Tensor:
         name = getattr(self.reward_fn, "__qualname__", repr(self.reward_fn))
         out = self.reward_fn(prompts, texts)
-        try:
-            scores = torch.tensor([float(x) for x in out], dtype=torch.float32)
+        try:  # every rollout tensor lives on the accelerator's device, the function's scores too
+            scores = torch.tensor([float(x) for x in out], dtype=torch.float32, device=self.accelerator.device)
         except (TypeError, ValueError):
             raise UserError(f"reward function {name} must return a list of numbers, got {type(out).__name__}.",
                             fix="return one float per completion") from None
@@ -159,34 +174,40 @@ class PPOTrainer(Trainer):
                     self.lr_scheduler.step()
                 self.optimizer.zero_grad()
                 steps += 1
-            if a.early_stop_kl is not None and self._mean(sum(epoch_kl) / len(epoch_kl)) > a.early_stop_kl:
+            if a.early_stop_kl is not None and self._mean(torch.stack(epoch_kl).mean()) > a.early_stop_kl:
                 break
         model.eval()
-        return {k: sum(v) / len(v) for k, v in stats.items()}, steps
+        return {k: torch.stack(v).mean() for k, v in stats.items()}, steps
 
     def _micro_step(self, model, r: Rollout, idx: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
-        """Forward and backward of one micro-batch; the loss is divided by the accumulation steps."""
+        """Forward and backward of one micro-batch; the loss is divided by the accumulation steps. Stats stay on the
+        device (detached): the update syncs once, at its end."""
         a, Q, mask = self.args, r.prompt_width, r.mask[idx]
-        logits, vpred = model(r.full[idx], r.attn[idx], r.pos[idx], mode="train")
-        logits = logits[:, Q - 1:-1]
+        logits, vpred = model(r.full[idx], r.attn[idx], r.pos[idx], mode="train", logits_to_keep=r.mask.shape[1] + 1)
+        logits = logits[:, :-1]
         new_logprobs = core.logprobs_from_logits(logits, r.responses[idx], a.temperature)
         pg_loss, pg = core.policy_loss(new_logprobs, r.logprobs[idx], advantages[idx], mask, a.cliprange)
         vf_loss, vf_clipfrac = core.value_loss(vpred[:, Q - 1:-1], r.values[idx], returns[idx], mask, a.cliprange_value)
-        entropy = core.masked_mean(core.entropy_from_logits(logits, a.temperature), mask)
-        loss = pg_loss + a.vf_coef * vf_loss - a.entropy_coef * entropy
+        loss = pg_loss + a.vf_coef * vf_loss
+        if a.entropy_coef:  # only then is entropy part of the graph (its full-vocabulary temporaries are not small)
+            entropy = core.masked_mean(core.entropy_from_logits(logits, a.temperature), mask)
+            loss = loss - a.entropy_coef * entropy
+        else:
+            entropy = core.masked_mean(core.entropy_no_grad(logits, a.temperature), mask)
         kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}  # we scale; DeepSpeed must not again
         self.accelerator.backward(loss / a.gradient_accumulation_steps, **kwargs)
-        return {"policy/approxkl_avg": pg["approxkl"].item(), "policy/clipfrac_avg": pg["clipfrac"].item(),
-                "loss/policy_avg": pg_loss.item(), "loss/value_avg": vf_loss.item(), "val/clipfrac_avg": vf_clipfrac.item(),
-                "policy/entropy_avg": entropy.item(), "val/ratio": pg["ratio"].item(), "val/ratio_var": pg["ratio_var"].item()}
+        stats = {"policy/approxkl_avg": pg["approxkl"], "policy/clipfrac_avg": pg["clipfrac"], "loss/policy_avg": pg_loss,
+                 "loss/value_avg": vf_loss, "val/clipfrac_avg": vf_clipfrac, "policy/entropy_avg": entropy,
+                 "val/ratio": pg["ratio"], "val/ratio_var": pg["ratio_var"]}
+        return {k: v.detach().float() for k, v in stats.items()}
 
-    def _mean(self, value: float) -> float:
+    def _mean(self, value) -> float:
         return self._means({"x": value})["x"]
 
     def _means(self, metrics: dict) -> dict:
-        """Means over processes, all metrics in one collective."""
-        keys = list(metrics)
-        t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        """Means over processes of numbers or 0-d tensors, in one collective and one device sync."""
+        keys, device = list(metrics), self.accelerator.device
+        t = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=device).reshape(()) for k in keys])
         return dict(zip(keys, self.accelerator.reduce(t, reduction="mean").tolist()))
 
     # -- the loop --------------------------------------------------------------------------------------------------
@@ -201,6 +222,8 @@ class PPOTrainer(Trainer):
         self.state.max_steps, self.state.logging_steps, self.state.save_steps = p.num_updates, a.logging_steps, a.save_steps
         self.state.train_batch_size = p.global_rollout_batch
         self.state.is_local_process_zero, self.state.is_world_process_zero = self.is_local_process_zero(), self.is_world_process_zero()
+        if self.is_deepspeed_enabled and (a.bf16 or a.fp16):
+            self.model.store_heads_as(torch.bfloat16 if a.bf16 else torch.float16)
         model, _ = self._prepare_for_training(p.total_optimizer_steps, None, resume_from_checkpoint)
         model.eval()  # dropout is off anyway; eval() also keeps any remaining stochastic layers deterministic
         if resume_from_checkpoint:
@@ -248,22 +271,22 @@ class PPOTrainer(Trainer):
             advantages = core.masked_whiten(advantages, r.mask)
         t0 = time.perf_counter()
         stats, steps = self.ppo_update(r, advantages, returns)
-        seq_kl = kl.sum(1).mean().item()
-        metrics = {
-            "objective/kl": seq_kl, "objective/kl_coef": self.kl_coef,
-            "objective/entropy": (-r.logprobs).sum(1).mean().item(),
-            "objective/non_score_reward": non_score.sum(1).mean().item(),
-            "objective/rlhf_reward": (scores + non_score.sum(1)).mean().item(),
-            "objective/scores": r.scores.mean().item(),
+        metrics = {  # 0-d tensors on the device until _means: one sync for the whole update
+            "objective/kl": kl.sum(1).mean(), "objective/kl_coef": self.kl_coef,
+            "objective/entropy": (-r.logprobs).sum(1).mean(),
+            "objective/non_score_reward": non_score.sum(1).mean(),
+            "objective/rlhf_reward": (scores + non_score.sum(1)).mean(),
+            "objective/scores": r.scores.mean(),
             **stats,
-            "val/num_eos_tokens": r.has_eos.float().sum().item(),
-            "val/truncated_frac": (~r.has_eos).float().mean().item(),
-            "val/response_length": r.mask.sum(1).float().mean().item(),
-            "val/explained_variance": core.explained_variance(r.values, returns, r.mask).item(),
+            "val/num_eos_tokens": r.has_eos.float().sum(),
+            "val/truncated_frac": (~r.has_eos).float().mean(),
+            "val/response_length": r.mask.sum(1).float().mean(),
+            "val/explained_variance": core.explained_variance(r.values, returns, r.mask),
             "train/optimizer_steps": steps,
-            **r.timing, "timing/update": time.perf_counter() - t0,
+            **r.timing,
         }
         metrics = self._means(metrics)
+        metrics["timing/update"] = time.perf_counter() - t0
         metrics["val/num_eos_tokens"] *= acc.num_processes  # a count, summed over processes
         self.episode += self.plan.global_rollout_batch
         if a.adaptive_kl:
@@ -285,14 +308,20 @@ class PPOTrainer(Trainer):
 
     # -- checkpoints and saving ------------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        """PPO's own state first: Trainer writes trainer_state.json last, and that file is what marks a checkpoint
+        complete (rundir.complete_checkpoint), so a kill at any moment leaves a checkpoint whole or ignored."""
         if self.args.should_save:
             path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", PPO_STATE)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
                 json.dump({"kl_coef": self.kl_coef, "episode": self.episode, "moments": self.moments.state()}, f)
+        super()._save_checkpoint(model, trial)
 
     def _resume(self, checkpoint: str) -> None:
         self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        # the saved state is rank 0's: every rank would believe it is process zero (and write every log line)
+        self.state.is_local_process_zero, self.state.is_world_process_zero = self.is_local_process_zero(), self.is_world_process_zero()
+        self._load_callback_state()
         with open(os.path.join(checkpoint, PPO_STATE), encoding="utf-8") as f:
             saved = json.load(f)
         self.kl_coef, self.episode = saved["kl_coef"], saved["episode"]
@@ -304,9 +333,13 @@ class PPOTrainer(Trainer):
         from safetensors.torch import load_file
 
         state = load_file(os.path.join(resume_from_checkpoint, TRAINABLE))
-        missing = set(state) - set(self.model.state_dict())
-        if missing:
-            raise ValueError(f"checkpoint {resume_from_checkpoint} does not fit this model: {sorted(missing)[:3]}")
+        extra = set(state) - set(self.model.state_dict())
+        missing = {n for n, p in self.model.named_parameters() if p.requires_grad} - set(state)
+        if extra or missing:  # a different model or adapter layout: resuming would train from half-restored weights
+            raise UserError(f"checkpoint {resume_from_checkpoint} does not fit this model: "
+                            f"{len(missing)} trainable tensors missing (e.g. {sorted(missing)[:2]}), "
+                            f"{len(extra)} unknown (e.g. {sorted(extra)[:2]}).",
+                            fix="resume with the recipe that wrote it, or start over with overwrite=true")
         self.model.load_state_dict(state, strict=False)
 
     def _save(self, output_dir=None, state_dict=None):

@@ -28,6 +28,8 @@ def get(name):
 
 def run(checked) -> dict:
     """Train a checked recipe's stage (preflight.check made `checked`): the same steps for every stage."""
+    from transformers import set_seed
+
     from hfalign import callbacks, data, models, rundir, trainargs
 
     recipe = checked.recipe
@@ -43,7 +45,9 @@ def run(checked) -> dict:
     # 3. Data (local files were read and checked by preflight; not read again)
     train_set, eval_set = data.load(recipe.data, recipe.stage, stage.FORMATS, checked.rows)
 
-    # 4. The stage's model(s) and trainer, with the recipe's callbacks
+    # 4. The stage's model(s) and trainer, with the recipe's callbacks; seeded first, because LoRA adapters and fresh
+    #    heads are initialised while the models are built (pitfall 19), before Trainer would seed
+    set_seed(args.seed)
     trainer = stage.trainer(recipe, args, tokenizer, train_set, eval_set, callbacks.build(recipe))
     callbacks.quiet_printer(trainer)
 

@@ -33,6 +33,11 @@ def check(recipe: Recipe, rows: dict) -> None:
         raise UserError("'reward' section is required for stage ppo.", fix="add reward: {model: outputs/rm}")
     if recipe.reward.model and recipe.lora.enabled:
         models.check_adapter_base(recipe.reward.model, recipe.model.name_or_path, "reward.model")
+    value = recipe.value
+    if recipe.quantization.enabled and value is not None and (value.model or not value.shared_base):
+        raise UserError("a critic of its own under quantization would be a 4/8-bit model whose weights cannot train.",
+                        fix="keep value.shared_base: true (the critic is a LoRA adapter on the shared quantized base), "
+                            "or drop quantization")
     if rows["train"] is None:
         return  # a hub set: counted when loaded
     world, n = int(os.environ.get("WORLD_SIZE", "1")), len(rows["train"])

@@ -29,7 +29,7 @@ def trainer(recipe: Recipe, args, tokenizer, train_set, eval_set, callbacks):
     model = models.load_sequence_classifier(recipe.model, recipe.quantization, tokenizer)
     if recipe.model.adapter:
         model = models.apply_adapter(model, recipe.model.adapter, trainable=False)
-    model = models.prepare_quantized(model, args.gradient_checkpointing)
+    model = models.prepare_quantized(model, args.activation_checkpointing)
     peft_config = models.lora_config(recipe.lora, model, "SEQ_CLS")
     return RewardTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)

@@ -27,7 +27,7 @@ def trainer(recipe: Recipe, args, tokenizer, train_set, eval_set, callbacks):
 
     # The causal LM; continue a trained adapter, or give the trainer a new LoRA config to apply
     model = models.load_causal_lm(recipe.model, recipe.quantization, tokenizer)
-    model = models.prepare_quantized(model, args.gradient_checkpointing)
+    model = models.prepare_quantized(model, args.activation_checkpointing)
     peft_config = None
     if recipe.model.adapter:
         model = models.apply_adapter(model, recipe.model.adapter, trainable=True)

@@ -1,0 +1,100 @@
+"""Resume: a run stopped after a checkpoint and resumed equals the uninterrupted run; torn checkpoints are ignored;
+a checkpoint that does not fit the model is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import ROOT, read_jsonl
+from transformers import TrainerCallback
+
+from hfalign import rundir
+from hfalign.ppo.config import PPOConfig
+from hfalign.ppo.trainer import PPOTrainer
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def trainer(pipeline, out, callbacks=None) -> PPOTrainer:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(pipeline["sft"], padding_side="left")
+    args = PPOConfig(output_dir=str(out), per_device_train_batch_size=8, num_mini_batches=2, num_ppo_epochs=2,
+                     total_episodes=64, response_length=12, report_to="none", save_steps=2, seed=3, learning_rate=1e-3,
+                     adaptive_kl=True, kl_horizon=100, normalize_scores=True, lr_scheduler_type="cosine")
+    return PPOTrainer(args=args, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(pipeline["sft"]),
+                      reward_model=AutoModelForSequenceClassification.from_pretrained(pipeline["rm"]),
+                      value_model=AutoModelForSequenceClassification.from_pretrained(pipeline["rm"]),
+                      train_dataset=datasets.Dataset.from_list(read_jsonl(ROOT / "data/ppo_prompts.jsonl")[:64]),
+                      callbacks=callbacks)
+
+
+def trainable(t: PPOTrainer) -> dict:
+    return {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+
+
+def test_stopped_and_resumed_run_equals_the_uninterrupted_one(pipeline, tmp_path):
+    """Policy AND critic weights, optimizer step, lr, KL coefficient, score statistics, episode counter and every
+    metric line: the same, whether or not the run was interrupted after its checkpoint at update 2."""
+    whole = trainer(pipeline, tmp_path / "whole")
+    whole.train()
+    first = trainer(pipeline, tmp_path / "cut", callbacks=[StopAt(2)])
+    first.train()
+    assert first.state.global_step == 2
+    second = trainer(pipeline, tmp_path / "cut")
+    second.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
+    assert second.state.global_step == whole.state.global_step == 4
+    a, b = trainable(whole), trainable(second)
+    assert any(n.startswith("critic.") for n in a) and any(n.startswith("policy.") for n in a)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    opt_a, opt_b = whole.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+    assert {int(s["step"]) for s in opt_a.values()} == {int(s["step"]) for s in opt_b.values()} == {16}
+    assert whole.lr_scheduler.get_last_lr() == second.lr_scheduler.get_last_lr()
+    assert whole.kl_coef == pytest.approx(second.kl_coef) and whole.kl_coef != 0.05
+    assert whole.moments.state() == pytest.approx(second.moments.state())
+    assert whole.episode == second.episode == 64
+    logs = lambda t: [{k: v for k, v in h.items() if not k.startswith(("timing/", "eps"))}  # noqa: E731
+                      for h in t.state.log_history if "objective/kl" in h]
+    after = [h for h in logs(second) if h["step"] > 2]
+    assert [h["step"] for h in after] == [3, 4]
+    for mine, theirs in zip(after, logs(whole)[2:]):  # updates 3 and 4, as the uninterrupted run had them
+        assert mine.keys() == theirs.keys() and all(mine[k] == pytest.approx(theirs[k], abs=1e-6) for k in mine), mine
+
+
+def test_torn_checkpoint_is_passed_over(pipeline, tmp_path):
+    """A kill during a save leaves a newest checkpoint without trainer_state.json, or with a truncated weight file:
+    resume takes the newest complete one, and the run directory drops the torn ones."""
+    t = trainer(pipeline, tmp_path / "run")
+    t.train()
+    out = tmp_path / "run"
+    assert [p.name for p in rundir.checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert rundir.last_checkpoint(out).endswith("checkpoint-4")
+    weights = out / "checkpoint-4" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # cut off mid-write
+    assert rundir.last_checkpoint(out).endswith("checkpoint-2")
+    (out / "checkpoint-2" / "trainer_state.json").unlink()  # not yet written when the kill came
+    assert rundir.last_checkpoint(out) is None
+
+
+def test_checkpoint_of_another_model_is_refused(pipeline, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from hfalign.errors import UserError
+
+    t = trainer(pipeline, tmp_path / "run")
+    t.train()
+    path = tmp_path / "run" / "checkpoint-4" / "trainable.safetensors"
+    state = load_file(str(path))
+    state.pop(next(k for k in state if k.startswith("critic.")))  # a trainable tensor the checkpoint lacks
+    save_file(state, str(path))
+    with pytest.raises(UserError, match="1 trainable tensors missing"):
+        trainer(pipeline, tmp_path / "run")._load_from_checkpoint(str(path.parent))
