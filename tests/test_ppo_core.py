@@ -126,27 +126,29 @@ def test_running_moments_match_batch_statistics():
     assert m.std == pytest.approx(xs.std(unbiased=False).item(), rel=1e-4)
 
 
-def test_selective_logprobs_match_log_softmax_in_value_and_gradient(monkeypatch):
+@pytest.mark.parametrize("block", [120, 1000], ids=["positions", "rows"])
+def test_selective_logprobs_match_log_softmax_in_value_and_gradient(monkeypatch, block):
     """The block-wise log-softmax (no full-vocabulary copy) equals the plain one, forward and backward, across
     block boundaries and at a temperature, for fp32 and bf16 logits."""
-    monkeypatch.setattr(core, "CHUNK_ROWS", 5)  # 3 x 7 = 21 rows: blocks of 5, the last one partial
+    monkeypatch.setattr(core, "BLOCK_ELEMENTS", block)  # 50-token vocab: blocks of 2 positions, or of 2 whole rows
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
-        logits = (torch.randn(3, 7, 50) * 3).to(dtype).requires_grad_(True)
+        logits = (torch.randn(3, 8, 50) * 3).to(dtype).requires_grad_(True)
         tokens = torch.randint(0, 50, (3, 7))
         weights = torch.randn(3, 7)
-        ours = core.logprobs_from_logits(logits, tokens, temperature=0.7)
+        ours = core.logprobs_from_logits(logits[:, :-1], tokens, temperature=0.7)  # a non-contiguous view, as used
         (ours * weights).sum().backward()
         grad_ours, logits.grad = logits.grad.clone(), None
-        ref = torch.log_softmax(logits.float() / 0.7, -1).gather(2, tokens[..., None]).squeeze(-1)
+        ref = torch.log_softmax(logits[:, :-1].float() / 0.7, -1).gather(2, tokens[..., None]).squeeze(-1)
         (ref * weights).sum().backward()
         assert ours.dtype == torch.float32
         assert torch.allclose(ours, ref, atol=1e-5)
         assert torch.allclose(grad_ours.float(), logits.grad.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
 
 
-def test_entropy_no_grad_matches_and_keeps_no_graph(monkeypatch):
-    monkeypatch.setattr(core, "CHUNK_ROWS", 4)
+@pytest.mark.parametrize("block", [60, 1000], ids=["positions", "rows"])
+def test_entropy_no_grad_matches_and_keeps_no_graph(monkeypatch, block):
+    monkeypatch.setattr(core, "BLOCK_ELEMENTS", block)
     logits = torch.randn(2, 5, 30, requires_grad=True)
     ent = core.entropy_no_grad(logits, 0.7)
     assert not ent.requires_grad and torch.allclose(ent, core.entropy_from_logits(logits, 0.7), atol=1e-6)

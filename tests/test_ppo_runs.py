@@ -89,6 +89,8 @@ def test_killed_run_resumes_with_the_same_command(pipeline, tmp_path):
     assert first_resumed["objective/kl"] != 0.0  # the policy weights came back (an SFT policy has KL 0 exactly)
     assert saved["kl_coef"] != 0.05  # adaptive KL had moved, and was checkpointed
     assert (out / "hfalign_done.json").exists()
+    ckpt = rundir.checkpoints(out)[-1]  # a checkpoint holds each trainable tensor once, and no frozen one
+    assert [f.name for f in ckpt.glob("*.safetensors")] == ["trainable.safetensors"] and not (ckpt / "value").exists()
     sampled = [r["update"] for r in read_jsonl(out / "samples.jsonl")]
     assert sampled == sorted(sampled)  # the sample table was trimmed at the checkpoint, not appended twice
 
@@ -103,13 +105,18 @@ def test_deepspeed_bf16_from_the_launch(pipeline, tmp_path, config, port):
     """`--mixed_precision bf16` on the launch is the run's precision (it died on DeepSpeed's 'ds bf16.enabled=True vs
     hf bf16=False'); the heads are stored as DeepSpeed stores every trainable parameter, values stay fp32."""
     out = tmp_path / "ppo"
-    launch(config, port, ppo_args(pipeline, out, "train.per_device_train_batch_size=8", "train.total_episodes=64"),
-           precision="bf16")
+    launch(config, port, ppo_args(pipeline, out, "train.per_device_train_batch_size=8", "train.total_episodes=64",
+                                  "train.save_steps=1"), precision="bf16")
     updates = read_jsonl(out / "metrics.jsonl", having="objective/kl")
     assert [u["episode"] for u in updates] == [32, 64]
     assert all(abs(u["val/ratio"] - 1) < 0.1 for u in updates)
     args = torch.load(out / "training_args.bin", weights_only=False)
     assert args.bf16 and not args.fp16
+    # a DeepSpeed checkpoint is DeepSpeed's own (trainable weights + optimizer): no consolidated copy of the four
+    # models beside it, no second copy of policy and value
+    ckpt = out / "checkpoint-2"
+    assert (ckpt / "trainer_state.json").exists() and list(ckpt.glob("global_step*"))
+    assert not list(ckpt.glob("*.safetensors")) and not (ckpt / "value").exists()
 
 
 def test_two_process_run_killed_and_resumed_logs_each_update_once(pipeline, tmp_path):

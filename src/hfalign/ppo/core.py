@@ -56,40 +56,55 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-CHUNK_ROWS = 1024  # rows (token positions) of a [rows, vocab] block worked on at once: 1024 x 152k fp32 = 620 MB
+BLOCK_ELEMENTS = 2**25  # a [rows, vocab] block worked on at once holds about this many values (128 MiB in fp32)
+
+
+def _blocks(batch: int, length: int, vocab: int):
+    """(batch slice, position slice) blocks of about BLOCK_ELEMENTS values covering a [batch, length, vocab] tensor.
+    Blocks are cut from the 3-d tensor itself: a sliced (non-contiguous) logits view is never copied whole."""
+    per_row = length * vocab
+    if per_row <= BLOCK_ELEMENTS:
+        rows = max(1, BLOCK_ELEMENTS // per_row)
+        for b in range(0, batch, rows):
+            yield slice(b, b + rows), slice(None)
+    else:
+        positions = max(1, BLOCK_ELEMENTS // vocab)
+        for b in range(batch):
+            for t in range(0, length, positions):
+                yield slice(b, b + 1), slice(t, t + positions)
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
     """log softmax(logits / T)[token] without materialising another full-vocabulary tensor (pitfall 18): forward and
-    backward walk blocks of CHUNK_ROWS rows in fp32; only the logits themselves and one [rows] logsumexp are kept."""
+    backward walk blocks of about BLOCK_ELEMENTS values in fp32; only the logits themselves (as given, a view is
+    fine) and one logsumexp per position are kept for backward."""
 
     @staticmethod
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
     def forward(ctx, logits, tokens, temperature):  # fp32 whatever autocast is on outside (pitfall 11)
-        flat, tok = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)
-        out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        out = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(out)
-        for i in range(0, flat.shape[0], CHUNK_ROWS):
-            x = flat[i:i + CHUNK_ROWS].float() / temperature
-            lse[i:i + CHUNK_ROWS] = torch.logsumexp(x, dim=-1)
-            out[i:i + CHUNK_ROWS] = x.gather(1, tok[i:i + CHUNK_ROWS, None]).squeeze(1) - lse[i:i + CHUNK_ROWS]
+        for b, t in _blocks(*logits.shape):
+            x = logits[b, t].float() / temperature
+            lse[b, t] = torch.logsumexp(x, dim=-1)
+            out[b, t] = x.gather(-1, tokens[b, t].unsqueeze(-1)).squeeze(-1) - lse[b, t]
+            del x
         ctx.save_for_backward(logits, tokens, lse)
         ctx.temperature = temperature
-        return out.reshape(tokens.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, tokens, lse = ctx.saved_tensors
-        flat, tok, g = logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), grad_out.reshape(-1).float()
-        grad = torch.empty_like(flat)
-        for i in range(0, flat.shape[0], CHUNK_ROWS):
-            rows = slice(i, i + CHUNK_ROWS)
-            probs = torch.exp(flat[rows].float() / ctx.temperature - lse[rows, None])
-            block = -probs * g[rows, None]  # d/dx_j (x_token - lse) = 1[j = token] - p_j, times 1/T
-            block.scatter_add_(1, tok[rows, None], g[rows, None])
-            grad[rows] = (block / ctx.temperature).to(grad.dtype)
-        return grad.reshape(logits.shape), None, None
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for b, t in _blocks(*logits.shape):
+            g = grad_out[b, t].float().unsqueeze(-1)
+            probs = torch.exp(logits[b, t].float() / ctx.temperature - lse[b, t].unsqueeze(-1))
+            block = -probs * g  # d/dx_j (x_token - lse) = 1[j = token] - p_j, times 1/T
+            block.scatter_add_(-1, tokens[b, t].unsqueeze(-1), g)
+            grad[b, t] = (block / ctx.temperature).to(grad.dtype)
+        return grad, None, None
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -110,9 +125,10 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
 @torch.no_grad()
 def entropy_no_grad(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """entropy_from_logits for logging: no graph, block by block, no full-vocabulary copy."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    out = torch.cat([entropy_from_logits(flat[i:i + CHUNK_ROWS], temperature) for i in range(0, flat.shape[0], CHUNK_ROWS)])
-    return out.reshape(logits.shape[:-1])
+    out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    for b, t in _blocks(*logits.shape):
+        out[b, t] = entropy_from_logits(logits[b, t], temperature)
+    return out
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

@@ -267,7 +267,7 @@ def fp32_score_head(model: nn.Module) -> None:
     head = getattr(inner, name, None)
     if not isinstance(head, nn.Linear) or isinstance(head, FP32Head):
         return
-    with _gathered(list(head.parameters())):
+    with gathered(list(head.parameters())):
         new = FP32Head(head.in_features, head.out_features, bias=head.bias is not None, dtype=torch.float32)
         with torch.no_grad():
             new.weight.copy_(head.weight.float())
@@ -277,7 +277,8 @@ def fp32_score_head(model: nn.Module) -> None:
     setattr(inner, name, new)
 
 
-def _gathered(params):
+def gathered(params):
+    """ZeRO-3: the full tensors of `params` inside the block (a collective: every rank enters it)."""
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled() and any(hasattr(p, "ds_id") for p in params):

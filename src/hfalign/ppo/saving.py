@@ -2,10 +2,11 @@
 
     output_dir/                 policy: full model (AutoModelForCausalLM) or LoRA adapter (PeftModel) + tokenizer
     output_dir/value/           critic: full scalar-head model, or the value adapter + value_head.safetensors
-    output_dir/trainable.safetensors   (checkpoints only) every trainable tensor, for non-DeepSpeed resume
+    checkpoint-N/trainable.safetensors  every trainable tensor, for non-DeepSpeed resume (DeepSpeed's own checkpoint
+                                        holds them under DeepSpeed)
 
-The state dict may come gathered from ZeRO-3 (16-bit consolidated) or from a DDP/CPU module; either way the files
-must be non-empty and loadable (LoRA under ZeRO-3 wrote empty adapters elsewhere: peft#2500, trl#4416).
+The state dict holds only what is written (gathered under ZeRO-3; the frozen reference and reward model never are);
+the files must be non-empty and loadable (LoRA under ZeRO-3 wrote empty adapters elsewhere: peft#2500, trl#4416).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def _contiguous(sd: dict) -> dict:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def save_parts(wrapper: PolicyAndValue, state_dict: dict, output_dir: str, tokenizer, checkpoint: bool) -> None:
+def save_parts(wrapper: PolicyAndValue, state_dict: dict, output_dir: str, tokenizer) -> None:
+    """The run's result: policy (full model or adapter) + tokenizer at output_dir, the critic at output_dir/value."""
     os.makedirs(output_dir, exist_ok=True)
     policy_sd, value_sd = wrapper.split_state_dict(state_dict)
     value_dir = os.path.join(output_dir, "value")
@@ -43,8 +45,9 @@ def save_parts(wrapper: PolicyAndValue, state_dict: dict, output_dir: str, token
         critic_sd = {k: v for k, v in value_sd.items() if not k.startswith("value_head.")}
         wrapper.critic.save_pretrained(value_dir, state_dict=_contiguous(critic_sd))
     tokenizer.save_pretrained(output_dir)
-    if checkpoint:
-        trainable = {n for n, p in wrapper.named_parameters() if p.requires_grad}
-        save_file(_contiguous({k: v for k, v in state_dict.items() if k in trainable}),
-                  os.path.join(output_dir, "trainable.safetensors"))
 
+
+def save_trainable(state_dict: dict, output_dir: str) -> None:
+    """A checkpoint's weights (non-DeepSpeed): every trainable tensor, policy and value, written once."""
+    os.makedirs(output_dir, exist_ok=True)
+    save_file(_contiguous(state_dict), os.path.join(output_dir, "trainable.safetensors"))

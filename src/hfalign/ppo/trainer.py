@@ -13,7 +13,7 @@ Private transformers/accelerate API this module relies on (checked against trans
     Trainer._prepare_for_training     called: accelerator/DeepSpeed wrapping, optimizer, scheduler, checkpoint load
     Trainer._load_from_checkpoint     replaced: non-DeepSpeed resume reads trainable.safetensors
     Trainer._save_checkpoint          extended: writes hfalign_ppo_state.json beside Trainer's files
-    Trainer._save                     replaced: policy and value files (saving.py)
+    Trainer.save_model(_internal_call)  replaced: policy and value files (saving.py); checkpoints: trainable once
     Trainer._load_rng_state           called on resume
     Trainer._load_callback_state      called on resume (ExportableState callbacks)
     accelerator.gradient_state._set_sync_gradients   called: gradient accumulation in a custom loop
@@ -37,7 +37,7 @@ from hfalign.ppo import core
 from hfalign.ppo.build import from_trl_args
 from hfalign.ppo.config import PPOConfig, plan, plan_problem
 from hfalign.ppo.generation import HFGenerator, stop_token_ids
-from hfalign.ppo.policy_value import PolicyAndValue
+from hfalign.ppo.policy_value import PolicyAndValue, gathered
 from hfalign.ppo.rollout import Rollout, left_pad, prompt_batches
 
 PPO_STATE = "hfalign_ppo_state.json"
@@ -342,18 +342,38 @@ class PPOTrainer(Trainer):
                             fix="resume with the recipe that wrote it, or start over with overwrite=true")
         self.model.load_state_dict(state, strict=False)
 
-    def _save(self, output_dir=None, state_dict=None):
-        """Policy (model or adapter) + tokenizer at output_dir, the value model at output_dir/value."""
-        from hfalign.ppo.saving import save_parts
+    def save_model(self, output_dir=None, _internal_call=False):
+        """The result (policy + value as HF files), or for a checkpoint (`_internal_call`) the trainable weights
+        once: under DeepSpeed its own checkpoint holds them, so nothing is consolidated; elsewhere
+        trainable.safetensors. Under ZeRO-3 only what is written is gathered, never the frozen reference or reward."""
+        from hfalign.ppo.saving import save_parts, save_trainable
 
         output_dir = output_dir or self.args.output_dir
-        if state_dict is None:
-            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        if _internal_call and self.is_deepspeed_enabled:
+            return
+        state = self._state_to_save(trainable_only=_internal_call)
         if not self.args.should_save:
             return
-        save_parts(self.model, state_dict, output_dir, self.tokenizer,
-                   checkpoint=os.path.basename(os.path.normpath(output_dir)).startswith("checkpoint-"))
+        if _internal_call:
+            save_trainable(state, output_dir)
+        else:
+            save_parts(self.model, state, output_dir, self.tokenizer)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _state_to_save(self, trainable_only: bool) -> dict:
+        model, trainable = self.model, {n for n, p in self.model.named_parameters() if p.requires_grad}
+
+        def wanted(name: str) -> bool:
+            if trainable_only:
+                return name in trainable
+            if name.startswith(("critic.", "value_head.")):
+                return True
+            return name.startswith("policy.") and (not model.shared or "lora_" in name)  # shared: adapters only
+
+        with gathered([p for n, p in model.named_parameters() if wanted(n)]):
+            if not self.args.should_save:
+                return {}
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if wanted(k)}
 
     # -- summary ---------------------------------------------------------------------------------------------------
     @torch.no_grad()

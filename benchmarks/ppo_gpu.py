@@ -1,0 +1,136 @@
+"""PPO on a GPU: hfalign against TRL 1.12 on the same random-init ~0.7B LLaMA, in one run.
+
+    python benchmarks/ppo_gpu.py                    # CUDA: 0.7B LLaMA, bf16, 64 prompts x 64 new tokens
+    python benchmarks/ppo_gpu.py --size tiny --device cpu --episodes 64   # a smoke run of this script on a CPU
+
+Both trainers get the same weights (saved once, bf16), tokenizer (the embedded default's), prompts and settings:
+6 updates of 64 prompts x 64 new tokens, 4 PPO epochs x 4 minibatches, full fine-tuning with four models. Prints
+episodes/s, peak GPU memory and, for hfalign, the time split generate / score / update. TRL 1.12 comes from
+--trl-path (a directory holding it, e.g. `pip install --no-deps --target DIR trl==1.12.0`) or is installed on
+demand like benchmarks/ppo_throughput.py does; it is skipped when it cannot be had. The 152k-vocabulary,
+512 + 512-token memory case is `python benchmarks/ppo_memory.py --device cuda --prompt-tokens 512 --new-tokens 512`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {"0.7b": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=22, num_attention_heads=12,
+                      num_key_value_heads=4), "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                                           num_attention_heads=4, num_key_value_heads=2)}
+SETTINGS = dict(per_device_train_batch_size=16, gradient_accumulation_steps=1, num_mini_batches=4, num_ppo_epochs=4,
+                response_length=64, temperature=1.0, learning_rate=1e-6, kl_coef=0.05, seed=0,
+                local_rollout_forward_batch_size=64)
+
+
+def build(size: str, out: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from hfalign.demo.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=False,
+                      **SIZES[size])
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out / "policy")
+    cfg.num_labels = 1
+    LlamaForSequenceClassification(cfg).to(torch.bfloat16).save_pretrained(out / "rm")
+    for d in ("policy", "rm"):
+        tok.save_pretrained(out / d)
+
+
+def worker(kind: str, models: str, device: str, episodes: int, out: str) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    policy_dir, rm_dir = f"{models}/policy", f"{models}/rm"
+    tok = AutoTokenizer.from_pretrained(policy_dir, padding_side="left")
+    rows = [json.loads(ln) for ln in (ROOT / "data/ppo_prompts.jsonl").read_text().splitlines()][:episodes]
+    data = datasets.Dataset.from_list(rows)
+    dtype = torch.bfloat16
+    load = dict(dtype=dtype)
+    common = dict(output_dir=out, total_episodes=episodes, report_to="none", save_strategy="no", bf16=device == "cuda",
+                  use_cpu=device == "cpu", logging_steps=1, **SETTINGS)
+    if kind == "trl":
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+        data = data.map(lambda r: {"input_ids": tok(r["prompt"])["input_ids"]}, remove_columns=["prompt"])
+        args = PPOConfig(stop_token="eos", num_sample_generations=0, sft_model_path=policy_dir,
+                         reward_model_path=rm_dir, **common)
+        extra = {"ref_model": AutoModelForCausalLM.from_pretrained(policy_dir, **load)}
+    else:
+        from hfalign.ppo import PPOConfig, PPOTrainer
+
+        args, extra = PPOConfig(**common), {}
+    trainer = PPOTrainer(args=args, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(policy_dir, **load),
+                         reward_model=AutoModelForSequenceClassification.from_pretrained(rm_dir, **load),
+                         value_model=AutoModelForSequenceClassification.from_pretrained(rm_dir, **load),
+                         train_dataset=data, **extra)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    logs = [h for h in trainer.state.log_history if "objective/kl" in h]
+    split = {k: sum(h.get(k, 0.0) for h in logs) for k in ("timing/generate", "timing/score", "timing/update")}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return {"eps": episodes / seconds, "seconds": seconds, "peak_gib": peak, **split}
+
+
+def run_worker(args: list[str], pythonpath: str | None) -> dict | None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, __file__, "--worker", *args], cwd=ROOT, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        print(f"  {args[0]} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-3:]}")
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", choices=list(SIZES), default="0.7b")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--episodes", type=int, default=384)
+    p.add_argument("--trl-path", help="a directory holding trl==1.12.0 (default: install it on demand)")
+    p.add_argument("--worker", nargs=4, metavar=("KIND", "MODELS", "EPISODES", "OUT"))
+    a = p.parse_args()
+    if a.worker:
+        kind, models, episodes, out = a.worker
+        print("RESULT " + json.dumps(worker(kind, models, a.device, int(episodes), out)), flush=True)
+        return
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from ppo_throughput import trl112_path
+
+    print(f"== PPO on {a.device}: {a.size} LLaMA (random init, bf16 weights), {a.episodes} episodes, {SETTINGS}")
+    with tempfile.TemporaryDirectory() as tmp:
+        build(a.size, Path(tmp))
+        runs = {"hfalign": run_worker(["hfalign", tmp, str(a.episodes), f"{tmp}/h", "--device", a.device], None)}
+        trl_dir = a.trl_path or trl112_path()
+        if trl_dir:
+            runs["TRL 1.12"] = run_worker(["trl", tmp, str(a.episodes), f"{tmp}/t", "--device", a.device], trl_dir)
+    for name, r in runs.items():
+        if r:
+            split = " / ".join(f"{r[k]:.1f}" for k in ("timing/generate", "timing/score", "timing/update"))
+            print(f"  {name:10} {r['eps']:7.2f} episodes/s  peak {r['peak_gib']:6.1f} GiB  ({r['seconds']:.1f} s; "
+                  f"generate / score / update {split} s)")
+    if all(runs.get(k) for k in ("hfalign", "TRL 1.12")):
+        print(f"  ratio hfalign / TRL 1.12: {runs['hfalign']['eps'] / runs['TRL 1.12']['eps']:.2f}x episodes/s, "
+              f"{runs['hfalign']['peak_gib'] / runs['TRL 1.12']['peak_gib']:.2f}x peak memory")
+
+
+if __name__ == "__main__":
+    main()
