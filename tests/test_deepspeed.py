@@ -10,14 +10,16 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 
-def test_zero3_sft_two_processes(write_recipe, sft_recipe, tiny_model, tmp_path):
+@pytest.mark.parametrize("precision, port", [("no", 29531), ("bf16", 29533)])
+def test_zero3_sft_two_processes(write_recipe, sft_recipe, tiny_model, tmp_path, precision, port):
+    """Also with `--mixed_precision bf16` on the launch (it died on 'ds bf16.enabled=True vs hf bf16=False')."""
     from transformers import AutoModelForCausalLM
 
     sft_recipe["data"]["max_rows"] = 128
     sft_recipe["train"].update(per_device_train_batch_size=8, logging_steps=2)
     path = write_recipe(sft_recipe)
     run([*ACCELERATE, "--config_file", str(ROOT / "accelerate_configs/zero3.yaml"), "--num_processes", "2",
-         "--main_process_port", "29531", "-m", "hfalign", str(path)])
+         "--mixed_precision", precision, "--main_process_port", str(port), "-m", "hfalign", str(path)])
     out = tmp_path / "out"
     records = read_jsonl(out / "metrics.jsonl")
     train_end = next(r for r in records if "train_runtime" in r)

@@ -301,3 +301,10 @@ def test_unknown_stop_token_is_a_clear_error(pipeline, tmp_path):
 
     code, _, err = train_shipped("ppo.yaml", *ppo_args(pipeline, tmp_path / "o", "train.stop_tokens=['<|eot_id|>']"))
     assert code == 2 and "'<|eot_id|>', which is not a token of this tokenizer" in err
+
+
+def test_long_prompts_lose_their_beginning_and_are_counted(pipeline, tmp_path, capsys):
+    trainer = make_trainer(pipeline["sft"], pipeline["rm"], tmp_path, max_prompt_length=5)
+    full = trainer.tokenizer(read_jsonl(ROOT / "data/ppo_prompts.jsonl")[0]["prompt"])["input_ids"]
+    assert len(full) > 5 and trainer.prompts[0] == full[-5:]  # the end, where the policy continues, is kept
+    assert "64 of 64 train prompts are longer than max_prompt_length 5" in capsys.readouterr().out
