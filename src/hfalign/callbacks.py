@@ -46,25 +46,62 @@ class MetricsCallback(TrainerCallback):
             print(f"[step {state.global_step}{total}] " + " | ".join(f"{k} {_fmt(v)}" for k, v in shown.items()), flush=True)
 
 
-class KLGuardCallback(TrainerCallback):
-    """PPO: when objective/kl passes `max_kl`, warn, or (action: stop) save a checkpoint and stop training.
-    KL running away is the first sign of reward hacking (PPO_NOTES #15)."""
+class Guard(TrainerCallback):
+    """A PPO guard: after every update `trip(metrics)` answers why the run is going wrong, or None. PPOTrainer then
+    acts: `warn` prints, `stop` saves a checkpoint and stops, `rollback` restores the newest checkpoint's weights and
+    optimizer state and continues with the KL coefficient times `kl_factor` and the learning rate times `lr_factor`
+    (at most `max_rollbacks` times, then it stops). Reward hacking shows as KL running away or answers collapsing
+    while the score rises (PPO_NOTES #15, "Secrets of RLHF" §5)."""
 
-    def __init__(self, max_kl: float, action: str = "warn"):
-        self.max_kl, self.action, self.tripped = max_kl, action, False
+    name = "guard"
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        kl = (logs or {}).get("objective/kl")
-        if kl is None or kl <= self.max_kl:
-            return
-        self.tripped = True
-        if state.is_world_process_zero:
-            verb = "stopping and saving" if self.action == "stop" else "warning only"
-            print(f"hfalign: KL guard: objective/kl {kl:.3g} > max_kl {self.max_kl} at update {state.global_step} ({verb})",
-                  flush=True)
-        if self.action == "stop":
-            control.should_save = True
-            control.should_training_stop = True
+    def __init__(self, action: str = "warn", kl_factor: float = 2.0, lr_factor: float = 1.0, max_rollbacks: int = 3):
+        self.action, self.kl_factor, self.lr_factor, self.max_rollbacks = action, kl_factor, lr_factor, max_rollbacks
+        self.tripped, self.rollbacks = False, 0
+
+    def trip(self, metrics: dict) -> str | None:
+        raise NotImplementedError
+
+
+class KLGuardCallback(Guard):
+    """objective/kl above `max_kl` (nats per response)."""
+
+    name = "KL guard"
+
+    def __init__(self, max_kl: float, action: str = "warn", **kw):
+        super().__init__(action, **kw)
+        self.max_kl = max_kl
+
+    def trip(self, metrics: dict) -> str | None:
+        kl = metrics.get("objective/kl")
+        return None if kl is None or kl <= self.max_kl else f"objective/kl {kl:.3g} > max_kl {self.max_kl}"
+
+
+class CollapseGuardCallback(Guard):
+    """Response length or entropy falling below `drop` x their mean over the first `window` updates while the score
+    is above its mean then: the policy found short or degenerate answers the reward model still likes."""
+
+    name = "collapse guard"
+    WATCHED = ("val/response_length", "policy/entropy_avg")
+
+    def __init__(self, window: int = 5, drop: float = 0.5, action: str = "warn", **kw):
+        super().__init__(action, **kw)
+        self.window, self.drop, self.seen = window, drop, []
+
+    def trip(self, metrics: dict) -> str | None:
+        keys = (*self.WATCHED, "objective/scores")
+        if any(k not in metrics for k in keys):
+            return None
+        if len(self.seen) < self.window:
+            self.seen.append({k: metrics[k] for k in keys})
+            return None
+        ref = {k: sum(m[k] for m in self.seen) / len(self.seen) for k in keys}
+        if metrics["objective/scores"] <= ref["objective/scores"]:
+            return None
+        for key in self.WATCHED:
+            if metrics[key] < self.drop * ref[key]:
+                return f"{key} {metrics[key]:.3g} < {self.drop} x its early mean {ref[key]:.3g} while the score rose"
+        return None
 
 
 class SampleTableCallback(TrainerCallback):
@@ -85,11 +122,32 @@ def make_metrics(recipe, console: bool = True, keys: list[str] | None = None):
     return MetricsCallback(recipe.output_dir, console=console, keys=keys)
 
 
-def make_kl_guard(recipe, max_kl: float = 20.0, action: str = "warn"):
-    if action not in ("warn", "stop") or not isinstance(max_kl, (int, float)) or max_kl <= 0:
-        raise UserError(f"kl_guard needs max_kl > 0 and action warn|stop, got max_kl={max_kl!r}, action={action!r}.",
-                        fix="e.g. {name: kl_guard, max_kl: 20, action: stop}")
-    return KLGuardCallback(float(max_kl), action)
+def _guard_options(name: str, action, kl_factor, lr_factor, max_rollbacks) -> dict:
+    if action not in ("warn", "stop", "rollback"):
+        raise UserError(f"{name} action must be warn, stop or rollback, got {action!r}.", fix=f"e.g. {{name: {name}, action: rollback}}")
+    numbers = {"kl_factor": kl_factor, "lr_factor": lr_factor}
+    if any(not isinstance(v, (int, float)) or v <= 0 for v in numbers.values()) or not isinstance(max_rollbacks, int) \
+            or max_rollbacks < 1:
+        raise UserError(f"{name} needs kl_factor > 0, lr_factor > 0 and max_rollbacks >= 1, got {numbers}, "
+                        f"max_rollbacks={max_rollbacks!r}.", fix="e.g. kl_factor: 2, lr_factor: 0.5, max_rollbacks: 3")
+    return {"action": action, "kl_factor": float(kl_factor), "lr_factor": float(lr_factor), "max_rollbacks": max_rollbacks}
+
+
+def make_kl_guard(recipe, max_kl: float = 20.0, action: str = "warn", kl_factor: float = 2.0, lr_factor: float = 1.0,
+                  max_rollbacks: int = 3):
+    if not isinstance(max_kl, (int, float)) or max_kl <= 0:
+        raise UserError(f"kl_guard needs max_kl > 0 and action warn|stop|rollback, got max_kl={max_kl!r}.",
+                        fix="e.g. {name: kl_guard, max_kl: 20, action: rollback}")
+    return KLGuardCallback(float(max_kl), **_guard_options("kl_guard", action, kl_factor, lr_factor, max_rollbacks))
+
+
+def make_collapse_guard(recipe, window: int = 5, drop: float = 0.5, action: str = "warn", kl_factor: float = 2.0,
+                        lr_factor: float = 1.0, max_rollbacks: int = 3):
+    if not isinstance(window, int) or window < 1 or not isinstance(drop, (int, float)) or not 0 < drop < 1:
+        raise UserError(f"collapse_guard needs window >= 1 and 0 < drop < 1, got window={window!r}, drop={drop!r}.",
+                        fix="e.g. {name: collapse_guard, window: 5, drop: 0.5, action: rollback}")
+    return CollapseGuardCallback(window, float(drop), **_guard_options("collapse_guard", action, kl_factor, lr_factor,
+                                                                      max_rollbacks))
 
 
 def make_sample_table(recipe, every: int = 10, rows: int = 8):
@@ -102,6 +160,7 @@ def make_sample_table(recipe, every: int = 10, rows: int = 8):
 REGISTRY = {
     "metrics": make_metrics,
     "kl_guard": make_kl_guard,  # PPO
+    "collapse_guard": make_collapse_guard,  # PPO
     "sample_table": make_sample_table,  # PPO
 }
 

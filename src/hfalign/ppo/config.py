@@ -54,6 +54,7 @@ class PPOConfig(TrainingArguments):
     vf_coef: float = field(default=0.1, metadata={"help": "Value loss coefficient."})
     entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus coefficient."})
     early_stop_kl: float | None = field(default=None, metadata={"help": "Stop a batch's PPO epochs once approx-KL exceeds this."})
+    value_warmup_updates: int = field(default=0, metadata={"help": "Critic warm-up: for the first N updates only the value loss trains (the policy stays as it is)."})
 
     # Evaluation
     num_eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts in the before/after summary."})

@@ -33,7 +33,7 @@ from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import TrainOutput
 
 from hfalign.errors import UserError
-from hfalign.ppo import core
+from hfalign.ppo import core, guards
 from hfalign.ppo.build import from_trl_args
 from hfalign.ppo.config import PPOConfig, plan, plan_problem
 from hfalign.ppo.generation import HFGenerator, stop_token_ids
@@ -188,7 +188,8 @@ class PPOTrainer(Trainer):
         new_logprobs = core.logprobs_from_logits(logits, r.responses[idx], a.temperature)
         pg_loss, pg = core.policy_loss(new_logprobs, r.logprobs[idx], advantages[idx], mask, a.cliprange)
         vf_loss, vf_clipfrac = core.value_loss(vpred[:, Q - 1:-1], r.values[idx], returns[idx], mask, a.cliprange_value)
-        loss = pg_loss + a.vf_coef * vf_loss
+        warming_up = self.state.global_step < a.value_warmup_updates  # critic warm-up: the policy does not move
+        loss = (0.0 if warming_up else 1.0) * pg_loss + a.vf_coef * vf_loss
         if a.entropy_coef:  # only then is entropy part of the graph (its full-vocabulary temporaries are not small)
             entropy = core.masked_mean(core.entropy_from_logits(logits, a.temperature), mask)
             loss = loss - a.entropy_coef * entropy
@@ -228,6 +229,7 @@ class PPOTrainer(Trainer):
         model.eval()  # dropout is off anyway; eval() also keeps any remaining stochastic layers deterministic
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
+        guards.prepare(self, resuming=bool(resume_from_checkpoint))
         if self.is_world_process_zero():
             print("hfalign ppo plan: " + ", ".join(f"{k}={v}" for k, v in vars(p).items()), flush=True)
         self.control = self.callback_handler.on_train_begin(a, self.state, self.control)
@@ -246,11 +248,13 @@ class PPOTrainer(Trainer):
             metrics.update({"eps": eps, "episode": self.episode,
                             "lr": self.lr_scheduler.get_last_lr()[0]})
             self.control = self.callback_handler.on_step_end(a, self.state, self.control)
+            tripped = guards.check(self, metrics)  # may ask to stop (and save) or to skip this save for a rollback
             if self.control.should_log:
                 self.log(metrics)
             if self.control.should_save:
                 self._save_checkpoint(self.model, trial=None)
                 self.control = self.callback_handler.on_save(a, self.state, self.control)
+            guards.act(self, tripped)
             if self.control.should_training_stop:
                 break
         self.control = self.callback_handler.on_train_end(a, self.state, self.control)

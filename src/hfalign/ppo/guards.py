@@ -1,0 +1,94 @@
+"""Acting on PPO guards (callbacks that answer `trip(metrics)`, see hfalign.callbacks.Guard): warn, stop with a
+checkpoint, or roll back to the newest checkpoint and go on more carefully (higher KL coefficient, lower lr)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from hfalign.errors import UserError
+
+
+def guards(trainer) -> list:
+    return [cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "trip")]
+
+
+def prepare(trainer, resuming: bool) -> None:
+    """A run with a rollback guard has something to roll back to from the start: checkpoint-0."""
+    rollback = [g for g in guards(trainer) if g.action == "rollback"]
+    if rollback and trainer.is_deepspeed_enabled:
+        raise UserError("a guard with action: rollback is not supported under DeepSpeed yet.",
+                        fix="use action: stop under DeepSpeed (rerunning the command resumes from the checkpoint)")
+    if rollback and not resuming:
+        trainer._save_checkpoint(trainer.model, trial=None)
+
+
+def check(trainer, metrics: dict) -> list[tuple]:
+    """(guard, reason) for every guard this update trips; their names go into the update's metrics."""
+    tripped = []
+    for guard in guards(trainer):
+        reason = guard.trip(metrics)
+        if reason:
+            guard.tripped = True
+            tripped.append((guard, reason))
+            metrics[f"guard/{guard.name.replace(' ', '_')}"] = 1.0
+            if trainer.is_world_process_zero():
+                print(f"hfalign: {guard.name}: {reason} at update {trainer.state.global_step} "
+                      f"({ {'warn': 'warning only', 'stop': 'stopping and saving', 'rollback': 'rolling back'}[guard.action]})",
+                      flush=True)
+    if any(g.action == "stop" for g, _ in tripped):
+        trainer.control.should_save = trainer.control.should_training_stop = True
+    elif any(g.action == "rollback" for g, _ in tripped):
+        trainer.control.should_save = False  # this update's weights are the ones being rolled back
+    return tripped
+
+
+def act(trainer, tripped: list[tuple]) -> None:
+    """After the update is logged: roll back once for all rollback guards that tripped."""
+    rollback = [g for g, _ in tripped if g.action == "rollback"]
+    if not rollback or trainer.control.should_training_stop:
+        return
+    guard = rollback[0]
+    checkpoint = _newest_checkpoint(trainer)
+    if guard.rollbacks >= guard.max_rollbacks or checkpoint is None:
+        if trainer.is_world_process_zero():
+            print(f"hfalign: {guard.name}: {guard.rollbacks} rollbacks already; stopping and saving", flush=True)
+        trainer.control.should_save = trainer.control.should_training_stop = True
+        trainer._save_checkpoint(trainer.model, trial=None)
+        return
+    restore(trainer, checkpoint, kl_factor=guard.kl_factor, lr_factor=guard.lr_factor)
+    for g in rollback:
+        g.rollbacks += 1
+
+
+def restore(trainer, checkpoint: str, kl_factor: float = 1.0, lr_factor: float = 1.0) -> None:
+    """The checkpoint's trainable weights, optimizer state, KL coefficient and score statistics; then the KL
+    coefficient times kl_factor and the learning rate (and its schedule) times lr_factor. Step, episode and data
+    position go on: a rollback costs the updates since the checkpoint."""
+    from hfalign.ppo import core
+
+    old_kl = trainer.kl_coef
+    trainer._load_from_checkpoint(checkpoint)
+    optimizer_file = os.path.join(checkpoint, "optimizer.pt")
+    if os.path.isfile(optimizer_file):
+        trainer.optimizer.load_state_dict(torch.load(optimizer_file, map_location=trainer.args.device))
+    with open(os.path.join(checkpoint, "hfalign_ppo_state.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    trainer.kl_coef = max(saved["kl_coef"], old_kl) * kl_factor  # repeated rollbacks keep raising it
+    trainer.moments = core.RunningMoments(**saved["moments"])
+    if lr_factor != 1.0:
+        for group in trainer.optimizer.param_groups:
+            group["lr"] *= lr_factor
+        trainer.lr_scheduler.base_lrs = [lr * lr_factor for lr in trainer.lr_scheduler.base_lrs]
+    if trainer.is_world_process_zero():
+        print(f"hfalign: rolled back to {checkpoint}; kl_coef {old_kl:.4g} -> {trainer.kl_coef:.4g}"
+              + (f", learning rate x{lr_factor}" if lr_factor != 1.0 else ""), flush=True)
+
+
+def _newest_checkpoint(trainer) -> str | None:
+    from hfalign.rundir import last_checkpoint
+
+    return last_checkpoint(Path(trainer.args.output_dir))

@@ -1,0 +1,115 @@
+"""Guards that act (issue 8): stop, roll back to the last checkpoint with a higher KL coefficient, the collapse
+detector, critic warm-up, and the guards the shipped recipe turns on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import ROOT, read_jsonl
+from transformers import TrainerCallback
+
+from hfalign import callbacks, recipe
+from hfalign.callbacks import CollapseGuardCallback, KLGuardCallback
+from hfalign.ppo import core
+
+
+def make(pipeline, out, guard_callbacks, **overrides):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from hfalign.ppo.config import PPOConfig
+    from hfalign.ppo.trainer import PPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(pipeline["sft"], padding_side="left")
+    kw = dict(output_dir=str(out), per_device_train_batch_size=8, num_mini_batches=2, num_ppo_epochs=2,
+              total_episodes=64, response_length=12, report_to="none", save_strategy="no", seed=0, learning_rate=1e-2)
+    kw.update(overrides)
+    return PPOTrainer(args=PPOConfig(**kw), processing_class=tok,
+                      model=AutoModelForCausalLM.from_pretrained(pipeline["sft"]),
+                      reward_model=AutoModelForSequenceClassification.from_pretrained(pipeline["rm"]),
+                      value_model=AutoModelForSequenceClassification.from_pretrained(pipeline["rm"]),
+                      train_dataset=datasets.Dataset.from_list(read_jsonl(ROOT / "data/ppo_prompts.jsonl")[:64]),
+                      callbacks=guard_callbacks)
+
+
+class Snapshots(TrainerCallback):
+    """Trainable weights at the start of every update."""
+
+    def __init__(self):
+        self.at = {}
+        self.trainer = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.at[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_rollback_restores_the_checkpoint_and_raises_the_kl_coefficient(pipeline, tmp_path, capsys):
+    guard = KLGuardCallback(1e-9, action="rollback", kl_factor=2.0, max_rollbacks=2)  # any KL trips it
+    snaps = Snapshots()
+    t = make(pipeline, tmp_path / "run", [guard, snaps], total_episodes=112)  # room for 7 updates
+    t.train()
+    logs = [h for h in t.state.log_history if "objective/kl" in h]
+    # a rollout of the SFT policy itself has KL 0: updates 1, 3 and 5 (after each rollback to the start) pass;
+    # updates 2 and 4 trip and roll back; update 6 trips once more than max_rollbacks allows and stops the run
+    assert [("guard/KL_guard" in h) for h in logs] == [False, True, False, True, False, True]
+    assert [h["objective/kl_coef"] for h in logs] == pytest.approx([0.05, 0.05, 0.1, 0.1, 0.2, 0.2])
+    start = snaps.at[0]
+    assert any(not torch.equal(start[n], snaps.at[1][n]) for n in start)  # update 1 trained
+    for step in (2, 4):  # each rollback put back the weights of checkpoint-0 (the run's start)
+        assert all(torch.equal(start[n], snaps.at[step][n]) for n in start), step
+    out = capsys.readouterr().out
+    assert out.count("rolled back to") == 2 and "2 rollbacks already; stopping and saving" in out
+    assert (tmp_path / "run" / "checkpoint-6" / "trainer_state.json").exists()
+    assert guard.rollbacks == 2 and t.state.global_step == 6
+
+
+def test_rollback_can_lower_the_learning_rate(pipeline, tmp_path):
+    guard = KLGuardCallback(1e-9, action="rollback", kl_factor=1.0, lr_factor=0.5, max_rollbacks=1)
+    t = make(pipeline, tmp_path / "run", [guard], lr_scheduler_type="constant")
+    t.train()
+    lrs = [h["lr"] for h in t.state.log_history if "objective/kl" in h]
+    assert lrs == pytest.approx([1e-2, 1e-2, 5e-3, 5e-3])  # update 2 tripped: rolled back at half the rate
+
+
+def test_stop_guard_saves_and_stops(pipeline, tmp_path):
+    t = make(pipeline, tmp_path / "run", [KLGuardCallback(1e-9, action="stop")])
+    t.train()
+    assert t.state.global_step == 2 and (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").exists()
+
+
+def test_collapse_detector_on_a_metric_stream():
+    guard = CollapseGuardCallback(window=3, drop=0.5, action="rollback")
+    healthy = {"val/response_length": 20.0, "policy/entropy_avg": 1.0, "objective/scores": 0.0}
+    for _ in range(3):
+        assert guard.trip(healthy) is None  # the reference window
+    assert guard.trip({**healthy, "objective/scores": 2.0}) is None  # score up, answers as long: learning
+    assert guard.trip({**healthy, "val/response_length": 8.0, "objective/scores": -1.0}) is None  # short but worse
+    reason = guard.trip({**healthy, "val/response_length": 8.0, "objective/scores": 3.0})
+    assert reason and "val/response_length 8 < 0.5 x its early mean 20" in reason
+    reason = guard.trip({**healthy, "policy/entropy_avg": 0.3, "objective/scores": 3.0})
+    assert reason and reason.startswith("policy/entropy_avg")
+
+
+def test_adaptive_kl_controller_unclipped():
+    # KL 6.6 against target 6: error +0.1 (inside the +-0.2 clip); 64 episodes of a 1000-episode horizon
+    assert core.adaptive_kl_coef(0.1, 6.6, 6.0, 1000, 64) == pytest.approx(0.1 * (1 + 0.1 * 64 / 1000))
+    assert core.adaptive_kl_coef(0.1, 5.4, 6.0, 1000, 64) == pytest.approx(0.1 * (1 - 0.1 * 64 / 1000))
+
+
+def test_critic_warm_up_keeps_the_policy_still(pipeline, tmp_path):
+    snaps = Snapshots()
+    t = make(pipeline, tmp_path / "run", [snaps], value_warmup_updates=1, total_episodes=32)
+    t.train()
+    before, after = snaps.at[0], snaps.at[1]
+    policy = [n for n in before if n.startswith("policy.")]
+    critic = [n for n in before if n.startswith("critic.")]
+    assert all(torch.equal(before[n], after[n]) for n in policy)  # update 1: warm-up, the policy did not move
+    assert any(not torch.equal(before[n], after[n]) for n in critic)  # the critic did
+
+
+def test_shipped_ppo_recipe_turns_on_acting_guards(tiny_model, tmp_path):
+    r = recipe.load(ROOT / "recipes/ppo.yaml", [f"model.name_or_path={tiny_model}", f"reward.model={tiny_model}",
+                                                f"output_dir={tmp_path}", f"data.train={ROOT / 'data/ppo_prompts.jsonl'}",
+                                                f"data.eval={ROOT / 'data/ppo_eval_prompts.jsonl'}"])
+    built = {type(cb): cb for cb in callbacks.build(r)}
+    assert built[KLGuardCallback].action == "rollback" and built[CollapseGuardCallback].action == "rollback"
