@@ -105,8 +105,9 @@ def test_deepspeed_bf16_from_the_launch(pipeline, tmp_path, config, port):
     """`--mixed_precision bf16` on the launch is the run's precision (it died on DeepSpeed's 'ds bf16.enabled=True vs
     hf bf16=False'); the heads are stored as DeepSpeed stores every trainable parameter, values stay fp32."""
     out = tmp_path / "ppo"
-    launch(config, port, ppo_args(pipeline, out, "train.per_device_train_batch_size=8", "train.total_episodes=64",
-                                  "train.save_steps=1"), precision="bf16")
+    proc = launch(config, port, ppo_args(pipeline, out, "train.per_device_train_batch_size=8",
+                                         "train.total_episodes=64", "train.save_steps=1"), precision="bf16")
+    assert "under DeepSpeed a guard's rollback acts as stop" in proc.stdout  # the shipped recipe's guards
     updates = read_jsonl(out / "metrics.jsonl", having="objective/kl")
     assert [u["episode"] for u in updates] == [32, 64]
     assert all(abs(u["val/ratio"] - 1) < 0.1 for u in updates)

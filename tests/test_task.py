@@ -1,7 +1,8 @@
-"""The embedded default task: deterministic data, and a rule that scores what it claims to."""
+"""The demo tasks (the embedded default, lists, slots): deterministic data, and rules that score what they claim to."""
 
 from __future__ import annotations
 
+import pytest
 from helpers import ROOT, read_jsonl
 
 from hfalign.demo import task
@@ -27,3 +28,32 @@ def test_preferences_agree_with_the_rule():
     assert all(task.objective(r["chosen"]) > task.objective(r["rejected"]) for r in rows)
     eval_titles = set(task.titles("eval"))
     assert not any(r["prompt"][len("Write a review of "):-1] in eval_titles for r in rows)
+
+
+def test_lists_rule_and_preferences():
+    from hfalign.demo import lists
+
+    p = "Name some fruits for the red door."
+    assert lists.objective(" apple, pear, saw.", p) == pytest.approx(2 / 3)
+    assert lists.objective(" apple, apple.", p) == -1.0  # a repeat is malformed
+    assert lists.objective(" apple, pear, plum, grape, lemon, mango.", p) == -1.0  # more than 5 items
+    assert not lists.well_formed(" apple, pear") and lists.well_formed(" apple, pear.")
+    data = lists.generate(0)
+    sft = [lists.objective(r["completion"], r["prompt"]) for r in data["sft_train"]]
+    assert 0.4 < sum(sft) / len(sft) < 0.6  # the SFT policy starts half right
+    for r in data["rm_train"]:
+        a, b = (lists.objective(r[k], r["prompt"]) for k in ("chosen", "rejected"))
+        assert a > b or (a == b and len(lists.items(r["chosen"])) > len(lists.items(r["rejected"])))  # length bias
+
+
+def test_slots_rule_and_preferences():
+    from hfalign.demo import slots
+
+    p = "Greet Alice from Oslo."
+    assert slots.objective(" hello Alice of Oslo, welcome.", p) == 1.0
+    assert slots.objective(" hello Alice of Lima, welcome.", p) == 0.5
+    assert slots.objective(" hello Alice Oslo, welcome.", p) == -1.0
+    data = slots.generate(0)
+    assert all(slots.objective(r["chosen"], r["prompt"]) > slots.objective(r["rejected"], r["prompt"])
+               for r in data["rm_train"])
+    assert not {r["prompt"] for r in data["ppo_eval_prompts"]} & {r["prompt"] for r in data["ppo_prompts"]}

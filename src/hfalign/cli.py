@@ -4,8 +4,8 @@
     hfalign validate RECIPE [overrides]          every check, no model loaded; exit 2 on a mistake
     hfalign show RECIPE [overrides]              print the resolved recipe
     hfalign schema                               every recipe key with its type, default and meaning
-    hfalign build-tiny [DIR]                     build the embedded default's tiny LLaMA model (models/tiny-llama)
-    hfalign make-data [DIR]                      regenerate the embedded default's data files (data/)
+    hfalign build-tiny [DIR] [--task T]          build a demo task's tiny LLaMA model (default: models/tiny-llama)
+    hfalign make-data [DIR] [--task T]           write a demo task's data files (default: the embedded default, data/)
 
 User mistakes print one line `hfalign: error: ...` and exit 2; there is no traceback for them.
 """
@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, default in (("build-tiny", "models/tiny-llama"), ("make-data", "data")):
         s = sub.add_parser(name)
         s.add_argument("dir", nargs="?", default=default)
+        s.add_argument("--task", default="reviews", choices=["reviews", "lists", "slots"], help="demo task (hfalign.demo)")
+        s.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -59,12 +61,12 @@ def _run(argv: list[str]) -> int:
     if args.command == "build-tiny":
         from hfalign.demo.tiny import build_tiny
 
-        print(f"built {build_tiny(args.dir)}")
+        print(f"built {build_tiny(args.dir, seed=args.seed, task=args.task)}")
         return 0
     if args.command == "make-data":
-        from hfalign.demo.task import write_data
+        from hfalign.demo import write_data
 
-        for path in write_data(args.dir):
+        for path in write_data(args.task, args.dir, args.seed):
             print(f"wrote {path}")
         return 0
     checked = validate(args.recipe, args.overrides)

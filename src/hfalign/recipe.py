@@ -192,8 +192,8 @@ class ValueSection:
 class SummarySection:
     """PPO only: rule-based checks for the before/after summary on held-out prompts (data.eval)."""
 
-    objective: str | None = field(default=None, metadata=doc("'package.module:function(completion) -> float': the true objective."))
-    well_formed: str | None = field(default=None, metadata=doc("'package.module:function(completion) -> bool'."))
+    objective: str | None = field(default=None, metadata=doc("'package.module:function(completion[, prompt]) -> float': the true objective."))
+    well_formed: str | None = field(default=None, metadata=doc("'package.module:function(completion[, prompt]) -> bool'."))
 
     def check(self, where: str) -> None:
         for key in ("objective", "well_formed"):

@@ -17,7 +17,6 @@ Python reward function for `reward.function: hfalign.demo.task:positivity_reward
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
@@ -123,14 +122,9 @@ def generate(seed: int = 0) -> dict[str, list[dict]]:
 
 
 def write_data(out_dir: str | Path, seed: int = 0) -> list[Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, rows in generate(seed).items():
-        path = out / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        written.append(path)
-    return written
+    from hfalign.demo import write_data as write
+
+    return write("reviews", out_dir, seed)
 
 
 def corpus(seed: int = 0) -> list[str]:

@@ -1,6 +1,6 @@
 """Build the tiny LLaMA-architecture model of the embedded default, deterministically and offline.
 
-A byte-level BPE tokenizer trained on the task's own text (with a pad token distinct from EOS) and a randomly
+A byte-level BPE tokenizer trained on a demo task's own text (hfalign.demo.TASKS) (with a pad token distinct from EOS) and a randomly
 initialised LlamaForCausalLM from a fixed seed. `hfalign build-tiny DIR` writes both in HF format.
 """
 
@@ -22,11 +22,13 @@ SIZES = {
 }
 
 
-def build_tokenizer(vocab_size: int = 512, seed: int = 0):
+def build_tokenizer(vocab_size: int = 512, seed: int = 0, task: str = "reviews"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from hfalign.demo.task import corpus
+    from hfalign.demo import get_task
+
+    corpus = get_task(task).corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -44,12 +46,12 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0):
     return fast
 
 
-def build_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, vocab_size: int = 512) -> Path:
+def build_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, vocab_size: int = 512, task: str = "reviews") -> Path:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
-    tokenizer = build_tokenizer(vocab_size, seed)
+    tokenizer = build_tokenizer(vocab_size, seed, task)
     hidden, inter, layers, heads, kv = SIZES[size]
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import torch
 
-from hfalign.errors import UserError
-
 
 def guards(trainer) -> list:
     return [cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "trip")]
@@ -19,9 +17,13 @@ def guards(trainer) -> list:
 def prepare(trainer, resuming: bool) -> None:
     """A run with a rollback guard has something to roll back to from the start: checkpoint-0."""
     rollback = [g for g in guards(trainer) if g.action == "rollback"]
-    if rollback and trainer.is_deepspeed_enabled:
-        raise UserError("a guard with action: rollback is not supported under DeepSpeed yet.",
-                        fix="use action: stop under DeepSpeed (rerunning the command resumes from the checkpoint)")
+    if rollback and trainer.is_deepspeed_enabled:  # restoring a DeepSpeed engine mid-run is not done yet
+        for guard in rollback:
+            guard.action = "stop"
+        if trainer.is_world_process_zero():
+            print("hfalign: under DeepSpeed a guard's rollback acts as stop (a checkpoint is saved; rerun to resume)",
+                  flush=True)
+        return
     if rollback and not resuming:
         trainer._save_checkpoint(trainer.model, trial=None)
 

@@ -385,10 +385,11 @@ class PPOTrainer(Trainer):
         """Completions of the held-out prompts from the policy or the reference, with scores and KL to the reference."""
         prompts = self.eval_prompts[:num_prompts] or self.prompts[:num_prompts]
         torch.manual_seed(self.args.seed)
-        out = {"completion": [], "score": [], "kl": [], "has_eos": []}
+        out = {"prompt": [], "completion": [], "score": [], "kl": [], "has_eos": []}
         for i in range(0, len(prompts), self.args.local_rollout_forward_batch_size):
             q, m = left_pad(prompts[i:i + self.args.local_rollout_forward_batch_size], self.tokenizer.pad_token_id)
             r = self.rollout(q.to(self.accelerator.device), m.to(self.accelerator.device), role=role)
+            out["prompt"] += self.tokenizer.batch_decode(q, skip_special_tokens=True)
             out["completion"] += self.tokenizer.batch_decode(r.responses, skip_special_tokens=True)
             out["score"] += r.scores.tolist()
             own = r.ref_logprobs if role == "ref" else r.logprobs  # KL of the sampling model to the reference

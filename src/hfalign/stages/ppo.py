@@ -78,13 +78,21 @@ def _sample_stats(recipe: Recipe, trainer, role: str) -> dict:
            "eos_rate": sum(s["has_eos"]) / n, "mean_chars": sum(len(c) for c in s["completion"]) / n}
     rules = recipe.summary
     if rules and rules.objective:
-        fn = import_function(rules.objective, "summary.objective")
-        out["objective"] = sum(fn(c) for c in s["completion"]) / n
+        fn = _rule(import_function(rules.objective, "summary.objective"))
+        out["objective"] = sum(fn(c, p) for c, p in zip(s["completion"], s["prompt"])) / n
     if rules and rules.well_formed:
-        fn = import_function(rules.well_formed, "summary.well_formed")
-        out["well_formed"] = sum(bool(fn(c)) and e for c, e in zip(s["completion"], s["has_eos"])) / n
+        fn = _rule(import_function(rules.well_formed, "summary.well_formed"))
+        out["well_formed"] = sum(bool(fn(c, p)) and e for c, p, e in zip(s["completion"], s["prompt"], s["has_eos"])) / n
     out["examples"] = s["completion"][:3]
     return out
+
+
+def _rule(fn):
+    """A rule takes (completion) or (completion, prompt): call it as the latter either way."""
+    import inspect
+
+    takes_prompt = len(inspect.signature(fn).parameters) >= 2
+    return (lambda c, p: fn(c, p)) if takes_prompt else (lambda c, p: fn(c))
 
 
 def format_summary(before: dict, after: dict) -> str:

@@ -1,0 +1,86 @@
+"""PPO across tasks and seeds with the shipped templates: does it improve the true objective without collapsing?
+
+    .venv/bin/python benchmarks/ppo_robustness.py                       # 3 tasks x 3 seeds, about 10 min on 2 cores
+    .venv/bin/python benchmarks/ppo_robustness.py --tasks lists --seeds 0
+
+For every task of hfalign.demo (reviews = the embedded default, lists, slots) and seed: build the task's tiny model,
+write its data, then run recipes/sft.yaml -> recipes/rm.yaml -> recipes/ppo.yaml overriding only the model and data
+paths, the seed, and the task's rule (summary.objective / summary.well_formed). Prints RM eval accuracy, KL to the
+SFT policy, and the true objective and well-formed rate before (SFT) and after (PPO), per seed, and whether the
+target holds: objective above the SFT's, well-formed >= 0.95 and >= the SFT's - 0.03.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {"reviews": "hfalign.demo.task", "lists": "hfalign.demo.lists", "slots": "hfalign.demo.slots"}
+
+
+def hfalign(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "hfalign", *args], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"hfalign {' '.join(args[:2])} failed: {proc.stderr.strip().splitlines()[-3:]}")
+
+
+def run(task: str, seed: int, tmp: Path) -> dict:
+    work = tmp / f"{task}-{seed}"
+    data, model = work / "data", work / "model"
+    hfalign("make-data", str(data), "--task", task)
+    hfalign("build-tiny", str(model), "--task", task)
+    common = [f"train.seed={seed}"]
+    hfalign("train", "recipes/sft.yaml", f"output_dir={work / 'sft'}", f"model.name_or_path={model}",
+            f"data.train={data / 'sft_train.jsonl'}", f"data.eval={data / 'sft_eval.jsonl'}", *common)
+    hfalign("train", "recipes/rm.yaml", f"output_dir={work / 'rm'}", f"model.name_or_path={work / 'sft'}",
+            f"data.train={data / 'rm_train.jsonl'}", f"data.eval={data / 'rm_eval.jsonl'}", *common)
+    rule = TASKS[task]
+    hfalign("train", "recipes/ppo.yaml", f"output_dir={work / 'ppo'}", f"model.name_or_path={work / 'sft'}",
+            f"reward.model={work / 'rm'}", f"data.train={data / 'ppo_prompts.jsonl'}",
+            f"data.eval={data / 'ppo_eval_prompts.jsonl'}", f"summary.objective={rule}:objective",
+            f"summary.well_formed={rule}:well_formed", *common)
+    rm_logs = [json.loads(ln) for ln in (work / "rm" / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((work / "ppo" / "summary.json").read_text())
+    before, after = summary["before (reference)"], summary["after (policy)"]
+    ppo_logs = [json.loads(ln) for ln in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rollbacks = sum(1 for r in ppo_logs if any(k.startswith("guard/") for k in r))
+    return {"rm_acc": [r for r in rm_logs if "eval_accuracy" in r][-1]["eval_accuracy"], "kl": after["kl"],
+            "obj0": before["objective"], "obj1": after["objective"], "wf0": before["well_formed"],
+            "wf1": after["well_formed"], "guards": rollbacks}
+
+
+def holds(r: dict) -> bool:
+    return r["obj1"] > r["obj0"] and r["wf1"] >= 0.95 and r["wf1"] >= r["wf0"] - 0.03
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    a = p.parse_args()
+    print("| task | seed | RM acc | KL | objective SFT -> PPO | well-formed SFT -> PPO | guard trips | target |")
+    print("|---|---|---|---|---|---|---|---|")
+    results, t0 = [], time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in a.tasks:
+            for seed in a.seeds:
+                try:
+                    r = run(task, seed, Path(tmp))
+                except RuntimeError as e:
+                    print(f"| {task} | {seed} | failed: {e} |||||")
+                    continue
+                results.append(holds(r))
+                print(f"| {task} | {seed} | {r['rm_acc']:.2f} | {r['kl']:.1f} | {r['obj0']:.2f} -> {r['obj1']:.2f} | "
+                      f"{r['wf0']:.2f} -> {r['wf1']:.2f} | {r['guards']} | {'holds' if holds(r) else 'MISSED'} |",
+                      flush=True)
+    print(f"\ntarget held in {sum(results)} of {len(results)} runs ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
