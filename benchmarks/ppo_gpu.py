@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import workers  # noqa: E402
+
 SIZES = {"0.7b": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=22, num_attention_heads=12,
                       num_key_value_heads=4), "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                                                            num_attention_heads=4, num_key_value_heads=2)}
@@ -89,15 +91,8 @@ def worker(kind: str, models: str, device: str, episodes: int, out: str) -> dict
 
 
 def run_worker(args: list[str], pythonpath: str | None) -> dict | None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, __file__, "--worker", *args], cwd=ROOT, capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        print(f"  {args[0]} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-3:]}")
-        return None
-    return json.loads(lines[-1][len("RESULT "):])
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")]))} if pythonpath else {}
+    return workers.run_worker(__file__, args, env, label=args[0])
 
 
 def main() -> None:
@@ -110,9 +105,8 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         kind, models, episodes, out = a.worker
-        print("RESULT " + json.dumps(worker(kind, models, a.device, int(episodes), out)), flush=True)
+        workers.result(worker(kind, models, a.device, int(episodes), out))
         return
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from ppo_throughput import trl112_path
 
     print(f"== PPO on {a.device}: {a.size} LLaMA (random init, bf16 weights), {a.episodes} episodes, {SETTINGS}")

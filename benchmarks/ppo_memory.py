@@ -14,8 +14,6 @@ there; every run is its own process (peak RSS per process).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
 import subprocess
 import sys
@@ -24,6 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import workers  # noqa: E402
+
 BASELINE = "2d93d3d"  # issue 6's structure, before the memory work of issue 7
 VOCAB, PROMPTS = 152_064, 32
 
@@ -64,16 +65,9 @@ def worker(device: str, out: str, prompt_tokens: int, new_tokens: int) -> dict:
 
 
 def run_worker(src: Path, a) -> dict | None:
-    env = {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory() as out:
-        proc = subprocess.run([sys.executable, __file__, "--worker", "--device", a.device, "--out", out,
-                               "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens)], cwd=ROOT,
-                              capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        print(f"  run from {src} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-3:]}")
-        return None
-    return json.loads(lines[-1][len("RESULT "):])
+        return workers.run_worker(__file__, ["--device", a.device, "--out", out, "--prompt-tokens", str(a.prompt_tokens),
+                                             "--new-tokens", str(a.new_tokens)], {"PYTHONPATH": str(src)}, f"run from {src}")
 
 
 def main() -> None:
@@ -86,7 +80,7 @@ def main() -> None:
     p.add_argument("--out")
     a = p.parse_args()
     if a.worker:
-        print("RESULT " + json.dumps(worker(a.device, a.out, a.prompt_tokens, a.new_tokens)), flush=True)
+        workers.result(worker(a.device, a.out, a.prompt_tokens, a.new_tokens))
         return
     what = "peak GPU memory allocated" if a.device == "cuda" else "peak RSS"
     print(f"one PPO update, vocab {VOCAB}, {PROMPTS} prompts x {a.new_tokens} new tokens, {a.device}; {what}")

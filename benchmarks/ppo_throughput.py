@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -27,6 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import workers  # noqa: E402
+
 PY = sys.executable
 SETTINGS = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "num_mini_batches": 4,
             "num_ppo_epochs": 4, "response_length": 24, "temperature": 1.0, "learning_rate": 3e-4, "kl_coef": 0.05,
@@ -99,13 +101,7 @@ def worker_recipe(overrides: list[str]) -> dict:
 
 
 def run_worker(args: list[str], env: dict | None = None) -> dict | None:
-    proc = subprocess.run([PY, __file__, "--worker", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        print(f"  worker {args[0]} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
-        return None
-    return json.loads(lines[-1][len("RESULT "):])
+    return workers.run_worker(__file__, args, env, label=f"worker {args[0]}")
 
 
 def trl112_path() -> str | None:
@@ -191,7 +187,7 @@ def main() -> None:
             if "--small" in rest:  # the memory run's settings
                 SETTINGS.update(per_device_train_batch_size=4, num_mini_batches=2, num_ppo_epochs=1, response_length=16)
             result = (worker_trl if kind == "trl" else worker_hfalign)(sft, rm, int(episodes), out)
-        print("RESULT " + json.dumps(result), flush=True)
+        workers.result(result)
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", choices=["speed", "memory", "all"], default="all")

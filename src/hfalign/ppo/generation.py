@@ -13,12 +13,10 @@ logprobs stay those of the full softmax, so PPO is slightly off-policy (README: 
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 from transformers import GenerationConfig
 
-log = logging.getLogger("hfalign")
 # Sampling fields of a checkpoint's generation_config that would change what is sampled, with their neutral values.
 NEUTRAL = {"top_k": 50, "top_p": 1.0, "temperature": 1.0, "typical_p": 1.0, "min_p": None, "repetition_penalty": 1.0,
            "no_repeat_ngram_size": 0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "bad_words_ids": None,

@@ -1,0 +1,27 @@
+"""What every benchmark shares: run one measured case in a process of its own, read back its `RESULT {json}` line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_worker(script: str, args: list[str], env: dict | None = None, label: str = "worker") -> dict | None:
+    """`python SCRIPT --worker ARGS...` from the repository root; its last `RESULT {...}` line, or None (said why)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    proc = subprocess.run([sys.executable, script, "--worker", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=full_env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        print(f"  {label} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-3:]}")
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def result(payload: dict) -> None:
+    print("RESULT " + json.dumps(payload), flush=True)
