@@ -49,11 +49,12 @@ def test_lists_rule_and_preferences():
 def test_slots_rule_and_preferences():
     from hfalign.demo import slots
 
-    p = "Greet Alice from Oslo."
-    assert slots.objective(" hello Alice of Oslo, welcome.", p) == 1.0
-    assert slots.objective(" hello Alice of Lima, welcome.", p) == 0.5
-    assert slots.objective(" hello Alice Oslo, welcome.", p) == -1.0
+    assert slots.objective(" meeting on tue at 10:30.") == 1.0
+    assert slots.objective(" meeting on sat at 10:30.") == pytest.approx(2 / 3)
+    assert slots.objective(" meeting on sat at 7:05.") == 0.0  # well-formed, every slot wrong
+    assert slots.objective(" meeting on tue 10:30.") == -1.0
     data = slots.generate(0)
-    assert all(slots.objective(r["chosen"], r["prompt"]) > slots.objective(r["rejected"], r["prompt"])
-               for r in data["rm_train"])
+    sft = [slots.objective(r["completion"]) for r in data["sft_train"]]
+    assert 0.4 < sum(sft) / len(sft) < 0.6
+    assert all(slots.objective(r["chosen"]) > slots.objective(r["rejected"]) for r in data["rm_train"])
     assert not {r["prompt"] for r in data["ppo_eval_prompts"]} & {r["prompt"] for r in data["ppo_prompts"]}

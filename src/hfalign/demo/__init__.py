@@ -3,8 +3,8 @@ rule-based true objectives. Not part of the product: they exist so that `make pp
 benchmarks/ppo_robustness.py run offline on CPU.
 
     reviews  task.py   short movie reviews; the rule scores positivity (the embedded default)
-    lists    lists.py  name items of a category; the reward model's data favours longer lists (length tempts)
-    slots    slots.py  greet a person by name and city; slots a small reward model can be fooled on
+    lists    lists.py  name fruits; the reward model's data favours longer lists (length tempts)
+    slots    slots.py  fill a meeting form with a valid day and time (slots a reward model can be fooled on)
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
     prompt:      "Name some fruits for the red garden."
     completion:  " apple, pear, plum."
 
-- SFT data: 2-4 items, each from the asked category with probability 0.5 (true objective ~0.5).
+- Every prompt asks for fruits (the place varies); items come from three categories.
+- SFT data: 2-4 items, each a fruit with probability 0.5 (true objective ~0.5).
 - RM pairs prefer the list with more right items; between lists equally right, the LONGER one (a length bias, as
   real preference data has); a well-formed list beats a malformed one (repeats, more than 5 items, no period).
 - The rule: objective = share of items from the asked category in a well-formed list, -1 otherwise. A policy that
@@ -23,6 +24,7 @@ CATEGORIES = {
     "animals": ["horse", "tiger", "camel", "otter", "eagle", "zebra", "moose", "panda"],
 }
 ITEMS = [w for words in CATEGORIES.values() for w in words]
+ASKED = "fruits"
 _LIST = re.compile(rf"^ ?((?:{'|'.join(ITEMS)})(?:, (?:{'|'.join(ITEMS)})){{1,4}})\.$")
 
 
@@ -80,7 +82,7 @@ def generate(seed: int = 0) -> dict[str, list[dict]]:
     train_titles, eval_titles = titles("train"), titles("eval")
 
     def prompt(pool):
-        return prompt_for(rng.choice(list(CATEGORIES)), rng.choice(pool))
+        return prompt_for(ASKED, rng.choice(pool))
 
     def sft_rows(n, pool):
         rows = []
@@ -107,8 +109,8 @@ def generate(seed: int = 0) -> dict[str, list[dict]]:
 
     return {"sft_train": sft_rows(2000, train_titles), "sft_eval": sft_rows(200, eval_titles),
             "rm_train": rm_rows(2000, train_titles), "rm_eval": rm_rows(200, eval_titles),
-            "ppo_prompts": [{"prompt": prompt_for(c, t)} for c in CATEGORIES for t in train_titles],
-            "ppo_eval_prompts": [{"prompt": prompt_for(c, t)} for c in CATEGORIES for t in eval_titles]}
+            "ppo_prompts": [{"prompt": prompt_for(ASKED, t)} for t in train_titles],
+            "ppo_eval_prompts": [{"prompt": prompt_for(ASKED, t)} for t in eval_titles]}
 
 
 def corpus(seed: int = 0) -> list[str]:
