@@ -20,6 +20,43 @@ def get_task(name: str):
     return import_module(TASKS[name])
 
 
+def preference_splits(rng, titles: dict, prompt_for, completion, pair, broken, key) -> dict[str, list[dict]]:
+    """The six data files every demo task has, in one shape. `titles`: {"train": [...], "eval": [...]};
+    prompt_for(title) -> prompt; completion(prompt) -> an SFT answer; pair(prompt) -> two candidate answers;
+    broken(prompt) -> a malformed answer; key(answer, prompt) ranks answers (higher is preferred). One preference pair
+    in five puts a well-formed answer against a broken one; pairs that tie are drawn again."""
+
+    def sft_rows(n, pool):
+        rows = []
+        for _ in range(n):
+            prompt = prompt_for(rng.choice(pool))
+            rows.append({"prompt": prompt, "completion": completion(prompt)})
+        return rows
+
+    def rm_rows(n, pool):
+        rows = []
+        while len(rows) < n:
+            prompt = prompt_for(rng.choice(pool))
+            if rng.random() < 0.2:
+                chosen, rejected = completion(prompt), broken(prompt)
+                if key(chosen, prompt) <= key(rejected, prompt):  # e.g. an all-negative review ties with broken text
+                    continue
+            else:
+                chosen, rejected = pair(prompt)
+                if key(chosen, prompt) == key(rejected, prompt):
+                    continue
+                if key(chosen, prompt) < key(rejected, prompt):
+                    chosen, rejected = rejected, chosen
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        return rows
+
+    train, held = titles["train"], titles["eval"]
+    return {"sft_train": sft_rows(2000, train), "sft_eval": sft_rows(200, held),
+            "rm_train": rm_rows(2000, train), "rm_eval": rm_rows(200, held),
+            "ppo_prompts": [{"prompt": prompt_for(t)} for t in train],
+            "ppo_eval_prompts": [{"prompt": prompt_for(t)} for t in held]}
+
+
 def write_data(name: str, out_dir: str | Path, seed: int = 0) -> list[Path]:
     """The task's sft/rm/ppo files as .jsonl under out_dir."""
     out = Path(out_dir)

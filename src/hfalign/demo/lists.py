@@ -78,39 +78,19 @@ def broken(rng: random.Random, category: str) -> str:
 
 
 def generate(seed: int = 0) -> dict[str, list[dict]]:
+    from hfalign.demo import preference_splits
+
     rng = random.Random(seed)
-    train_titles, eval_titles = titles("train"), titles("eval")
 
-    def prompt(pool):
-        return prompt_for(ASKED, rng.choice(pool))
+    def pair(prompt):  # a mostly right and a mostly wrong list, of random lengths
+        return (make_list(rng, _category(prompt), rng.randint(2, 5), 0.9),
+                make_list(rng, _category(prompt), rng.randint(2, 5), 0.1))
 
-    def sft_rows(n, pool):
-        rows = []
-        for _ in range(n):
-            p = prompt(pool)
-            rows.append({"prompt": p, "completion": make_list(rng, _category(p), rng.randint(2, 4), 0.5)})
-        return rows
-
-    def rm_rows(n, pool):
-        rows = []
-        while len(rows) < n:
-            p = prompt(pool)
-            cat = _category(p)
-            if rng.random() < 0.2:
-                chosen, rejected = make_list(rng, cat, rng.randint(2, 4), 0.5), broken(rng, cat)
-            else:
-                a, b = make_list(rng, cat, rng.randint(2, 5), 0.9), make_list(rng, cat, rng.randint(2, 5), 0.1)
-                ka, kb = ((objective(c, p), len(items(c))) for c in (a, b))  # right items first, then length
-                if ka == kb:
-                    continue
-                chosen, rejected = (a, b) if ka > kb else (b, a)
-            rows.append({"prompt": p, "chosen": chosen, "rejected": rejected})
-        return rows
-
-    return {"sft_train": sft_rows(2000, train_titles), "sft_eval": sft_rows(200, eval_titles),
-            "rm_train": rm_rows(2000, train_titles), "rm_eval": rm_rows(200, eval_titles),
-            "ppo_prompts": [{"prompt": prompt_for(ASKED, t)} for t in train_titles],
-            "ppo_eval_prompts": [{"prompt": prompt_for(ASKED, t)} for t in eval_titles]}
+    return preference_splits(
+        rng, {"train": titles("train"), "eval": titles("eval")}, lambda title: prompt_for(ASKED, title),
+        completion=lambda p: make_list(rng, _category(p), rng.randint(2, 4), 0.5), pair=pair,
+        broken=lambda p: broken(rng, _category(p)),
+        key=lambda c, p: (objective(c, p), len(items(c) or [])))  # right items first, then length
 
 
 def corpus(seed: int = 0) -> list[str]:

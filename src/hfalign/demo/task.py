@@ -89,36 +89,12 @@ def positivity_reward(prompts: list[str], completions: list[str]) -> list[float]
 
 
 def generate(seed: int = 0) -> dict[str, list[dict]]:
+    from hfalign.demo import preference_splits
+
     rng = random.Random(seed)
-    train_titles, eval_titles = titles("train"), titles("eval")
-
-    def sft_rows(n, pool):
-        return [{"prompt": prompt_for(rng.choice(pool)), "completion": review(rng)} for _ in range(n)]
-
-    def rm_rows(n, pool):
-        rows = []
-        while len(rows) < n:
-            prompt = prompt_for(rng.choice(pool))
-            if rng.random() < 0.2:
-                chosen, rejected = review(rng), broken(rng)
-                if objective(chosen) <= objective(rejected):  # an all-negative review ties with broken text
-                    continue
-            else:
-                a, b = review(rng), review(rng)
-                if positivity(a) == positivity(b):
-                    continue
-                chosen, rejected = (a, b) if positivity(a) > positivity(b) else (b, a)
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-        return rows
-
-    return {
-        "sft_train": sft_rows(2000, train_titles),
-        "sft_eval": sft_rows(200, eval_titles),
-        "rm_train": rm_rows(2000, train_titles),
-        "rm_eval": rm_rows(200, eval_titles),
-        "ppo_prompts": [{"prompt": prompt_for(t)} for t in train_titles],
-        "ppo_eval_prompts": [{"prompt": prompt_for(t)} for t in eval_titles],
-    }
+    return preference_splits(rng, {"train": titles("train"), "eval": titles("eval")}, prompt_for,
+                             completion=lambda p: review(rng), pair=lambda p: (review(rng), review(rng)),
+                             broken=lambda p: broken(rng), key=lambda c, p: objective(c))
 
 
 def write_data(out_dir: str | Path, seed: int = 0) -> list[Path]:
