@@ -57,7 +57,7 @@ class Guard(TrainerCallback):
 
     def __init__(self, action: str = "warn", kl_factor: float = 2.0, lr_factor: float = 1.0, max_rollbacks: int = 3):
         self.action, self.kl_factor, self.lr_factor, self.max_rollbacks = action, kl_factor, lr_factor, max_rollbacks
-        self.tripped, self.rollbacks = False, 0
+        self.rollbacks = 0
 
     def trip(self, metrics: dict) -> str | None:
         raise NotImplementedError

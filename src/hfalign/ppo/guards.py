@@ -34,7 +34,6 @@ def check(trainer, metrics: dict) -> list[tuple]:
     for guard in guards(trainer):
         reason = guard.trip(metrics)
         if reason:
-            guard.tripped = True
             tripped.append((guard, reason))
             metrics[f"guard/{guard.name.replace(' ', '_')}"] = 1.0
             if trainer.is_world_process_zero():

@@ -71,18 +71,18 @@ class PolicyAndValue(nn.Module):
         self.stacks = stacks or {}  # shared mode: adapter stack per role; "ref": None means adapters disabled
         self._trainable: set[int] = set()
         self._role = "policy"  # the role whose adapter stack is active now
-        self._checkpointing: dict | None = None  # the kwargs activation checkpointing was enabled with
+        self._checkpointing = False  # activation checkpointing of the trainable models
         self.config = getattr(policy, "config", None)  # Trainer and accelerate read model.config
 
     # -- activation checkpointing of the trainable models (Trainer enables it from args.activation_checkpointing) --
     @property
     def is_activation_checkpointing(self) -> bool:
-        return self._checkpointing is not None
+        return self._checkpointing
 
     is_gradient_checkpointing = is_activation_checkpointing
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
-        self._checkpointing = {"activation_checkpointing_kwargs": activation_checkpointing_kwargs, **kwargs}
+        self._checkpointing = True
         for m in (self.policy, self.critic):
             if m is not None:
                 m.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
@@ -96,7 +96,7 @@ class PolicyAndValue(nn.Module):
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def activation_checkpointing_disable(self):
-        self._checkpointing = None
+        self._checkpointing = False
         for m in (self.policy, self.critic):
             if m is not None:
                 m.activation_checkpointing_disable()
