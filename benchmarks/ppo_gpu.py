@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -91,8 +90,12 @@ def worker(kind: str, models: str, device: str, episodes: int, out: str) -> dict
 
 
 def run_worker(args: list[str], pythonpath: str | None) -> dict | None:
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, os.environ.get("PYTHONPATH")]))} if pythonpath else {}
-    return workers.run_worker(__file__, args, env, label=args[0])
+    r = workers.run_worker(__file__, args, {"PYTHONPATH": pythonpath} if pythonpath else {}, label=args[0])
+    if r:  # said at once: a run cut short by a timeout still leaves the runs before it
+        split = " / ".join(f"{r[k]:.1f}" for k in ("timing/generate", "timing/score", "timing/update"))
+        print(f"  {args[0]:10} {r['eps']:7.2f} episodes/s  peak {r['peak_gib']:6.1f} GiB  ({r['seconds']:.1f} s; "
+              f"generate / score / update {split} s)", flush=True)
+    return r
 
 
 def main() -> None:
@@ -100,7 +103,7 @@ def main() -> None:
     p.add_argument("--size", choices=list(SIZES), default="0.7b")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--episodes", type=int, default=384)
-    p.add_argument("--trl-path", help="a directory holding trl==1.12.0 (default: install it on demand)")
+    p.add_argument("--trl-path", help="a directory holding trl==1.12.0 (default: install it on demand; 'none': hfalign alone)")
     p.add_argument("--worker", nargs=4, metavar=("KIND", "MODELS", "EPISODES", "OUT"))
     a = p.parse_args()
     if a.worker:
@@ -109,18 +112,16 @@ def main() -> None:
         return
     from ppo_throughput import trl112_path
 
-    print(f"== PPO on {a.device}: {a.size} LLaMA (random init, bf16 weights), {a.episodes} episodes, {SETTINGS}")
+    print(f"== PPO on {a.device}: {a.size} LLaMA (random init, bf16 weights), {a.episodes} episodes, {SETTINGS}",
+          flush=True)
     with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
         build(a.size, Path(tmp))
+        print(f"  built the models in {time.perf_counter() - t0:.0f} s", flush=True)
         runs = {"hfalign": run_worker(["hfalign", tmp, str(a.episodes), f"{tmp}/h", "--device", a.device], None)}
-        trl_dir = a.trl_path or trl112_path()
+        trl_dir = None if a.trl_path == "none" else a.trl_path or trl112_path()
         if trl_dir:
             runs["TRL 1.12"] = run_worker(["trl", tmp, str(a.episodes), f"{tmp}/t", "--device", a.device], trl_dir)
-    for name, r in runs.items():
-        if r:
-            split = " / ".join(f"{r[k]:.1f}" for k in ("timing/generate", "timing/score", "timing/update"))
-            print(f"  {name:10} {r['eps']:7.2f} episodes/s  peak {r['peak_gib']:6.1f} GiB  ({r['seconds']:.1f} s; "
-                  f"generate / score / update {split} s)")
     if all(runs.get(k) for k in ("hfalign", "TRL 1.12")):
         print(f"  ratio hfalign / TRL 1.12: {runs['hfalign']['eps'] / runs['TRL 1.12']['eps']:.2f}x episodes/s, "
               f"{runs['hfalign']['peak_gib'] / runs['TRL 1.12']['peak_gib']:.2f}x peak memory")

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_worker(script: str, args: list[str], env: dict | None = None, label: str = "worker") -> dict | None:
     """`python SCRIPT --worker ARGS...` from the repository root; its last `RESULT {...}` line, or None (said why)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    if env and "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):  # put the worker's path first, keep the caller's
+        full_env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], os.environ["PYTHONPATH"]])
     proc = subprocess.run([sys.executable, script, "--worker", *args], cwd=ROOT, capture_output=True, text=True,
                           env=full_env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
