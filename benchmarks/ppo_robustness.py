@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/ppo_robustness.py                       # 3 tasks x 3 seeds, about 10 min on 2 cores
     .venv/bin/python benchmarks/ppo_robustness.py --tasks lists --seeds 0
+    .venv/bin/python benchmarks/ppo_robustness.py --ppo train.kl_coef=0.05 train.adaptive_kl=false   # a variant
 
 For every task of hfalign.demo (reviews = the embedded default, lists, slots) and seed: build the task's tiny model,
 write its data, then run recipes/sft.yaml -> recipes/rm.yaml -> recipes/ppo.yaml overriding only the model and data
 paths, the seed, and the task's rule (summary.objective / summary.well_formed). Prints RM eval accuracy, KL to the
 SFT policy, and the true objective and well-formed rate before (SFT) and after (PPO), per seed, and whether the
-target holds: objective above the SFT's, well-formed >= 0.95 and >= the SFT's - 0.03.
+target holds: objective above the SFT's, well-formed >= 0.95 and >= the SFT's - 0.03. `--ppo KEY=VALUE ...` overrides
+the PPO recipe: how the defaults were compared with other settings.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def hfalign(*args: str) -> None:
         raise RuntimeError(f"hfalign {' '.join(args[:2])} failed: {proc.stderr.strip().splitlines()[-3:]}")
 
 
-def run(task: str, seed: int, tmp: Path) -> dict:
+def run(task: str, seed: int, tmp: Path, ppo: list[str]) -> dict:
     work = tmp / f"{task}-{seed}"
     data, model = work / "data", work / "model"
     hfalign("make-data", str(data), "--task", task)
@@ -44,7 +46,7 @@ def run(task: str, seed: int, tmp: Path) -> dict:
     hfalign("train", "recipes/ppo.yaml", f"output_dir={work / 'ppo'}", f"model.name_or_path={work / 'sft'}",
             f"reward.model={work / 'rm'}", f"data.train={data / 'ppo_prompts.jsonl'}",
             f"data.eval={data / 'ppo_eval_prompts.jsonl'}", f"summary.objective={rule}:objective",
-            f"summary.well_formed={rule}:well_formed", *common)
+            f"summary.well_formed={rule}:well_formed", *common, *ppo)
     rm_logs = [json.loads(ln) for ln in (work / "rm" / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((work / "ppo" / "summary.json").read_text())
     before, after = summary["before (reference)"], summary["after (policy)"]
@@ -63,7 +65,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--ppo", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of recipes/ppo.yaml")
     a = p.parse_args()
+    if a.ppo:
+        print("recipes/ppo.yaml with", " ".join(a.ppo))
     print("| task | seed | RM acc | KL | objective SFT -> PPO | well-formed SFT -> PPO | guard trips | target |")
     print("|---|---|---|---|---|---|---|---|")
     results, t0 = [], time.perf_counter()
@@ -71,7 +76,7 @@ def main() -> None:
         for task in a.tasks:
             for seed in a.seeds:
                 try:
-                    r = run(task, seed, Path(tmp))
+                    r = run(task, seed, Path(tmp), a.ppo)
                 except RuntimeError as e:
                     print(f"| {task} | {seed} | failed: {e} |||||")
                     continue

@@ -20,11 +20,12 @@ def get_task(name: str):
     return import_module(TASKS[name])
 
 
-def preference_splits(rng, titles: dict, prompt_for, completion, pair, broken, key) -> dict[str, list[dict]]:
+def preference_splits(rng, titles: dict, prompt_for, completion, pair, broken, key,
+                      broken_share: float = 0.2) -> dict[str, list[dict]]:
     """The six data files every demo task has, in one shape. `titles`: {"train": [...], "eval": [...]};
     prompt_for(title) -> prompt; completion(prompt) -> an SFT answer; pair(prompt) -> two candidate answers;
-    broken(prompt) -> a malformed answer; key(answer, prompt) ranks answers (higher is preferred). One preference pair
-    in five puts a well-formed answer against a broken one; pairs that tie are drawn again."""
+    broken(prompt) -> a malformed answer; key(answer, prompt) ranks answers (higher is preferred). A `broken_share` of
+    the preference pairs put a well-formed answer against a broken one; pairs that tie are drawn again."""
 
     def sft_rows(n, pool):
         rows = []
@@ -37,7 +38,7 @@ def preference_splits(rng, titles: dict, prompt_for, completion, pair, broken, k
         rows = []
         while len(rows) < n:
             prompt = prompt_for(rng.choice(pool))
-            if rng.random() < 0.2:
+            if rng.random() < broken_share:
                 chosen, rejected = completion(prompt), broken(prompt)
                 if key(chosen, prompt) <= key(rejected, prompt):  # e.g. an all-negative review ties with broken text
                     continue
@@ -55,6 +56,13 @@ def preference_splits(rng, titles: dict, prompt_for, completion, pair, broken, k
             "rm_train": rm_rows(2000, train), "rm_eval": rm_rows(200, held),
             "ppo_prompts": [{"prompt": prompt_for(t)} for t in train],
             "ppo_eval_prompts": [{"prompt": prompt_for(t)} for t in held]}
+
+
+def corpus_of(data: dict[str, list[dict]]) -> list[str]:
+    """Tokenizer text for a task from its generated files: every prompt, held-out ones included (a held-out word
+    the tokenizer never saw would reach the model as letters it never trained on), and every answer."""
+    return ([r["prompt"] for r in data["ppo_prompts"] + data["ppo_eval_prompts"]]
+            + [r["prompt"] + r["completion"] for r in data["sft_train"]] + [r["rejected"] for r in data["rm_train"]])
 
 
 def write_data(name: str, out_dir: str | Path, seed: int = 0) -> list[Path]:

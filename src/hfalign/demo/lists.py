@@ -3,10 +3,12 @@
     prompt:      "Name some fruits for the red garden."
     completion:  " apple, pear, plum."
 
-- Every prompt asks for fruits (the place varies); items come from three categories.
+- Every prompt asks for fruits (the place varies); items come from three categories and are written in catalogue
+  order (ITEMS), as a shop's list would be.
 - SFT data: 2-4 items, each a fruit with probability 0.5 (true objective ~0.5).
 - RM pairs prefer the list with more right items; between lists equally right, the LONGER one (a length bias, as
-  real preference data has); a well-formed list beats a malformed one (repeats, more than 5 items, no period).
+  real preference data has); in about a third of the pairs a well-formed list beats a malformed one (mostly a
+  repeated item; more than 5 items; no period).
 - The rule: objective = share of items from the asked category in a well-formed list, -1 otherwise. A policy that
   chases the reward model's length taste past 5 items or into repeats loses it all.
 """
@@ -64,16 +66,17 @@ def make_list(rng: random.Random, category: str, n: int, p_right: float) -> str:
         word = rng.choice(pool_right if rng.random() < p_right else pool_wrong)
         if word not in chosen:
             chosen.append(word)
-    return " " + ", ".join(chosen) + "."
+    return " " + ", ".join(sorted(chosen, key=ITEMS.index)) + "."
 
 
 def broken(rng: random.Random, category: str) -> str:
-    kind = rng.randrange(3)
-    if kind == 0:  # too long
+    kind = rng.random()
+    if kind < 0.3:  # too long
         return make_list(rng, category, rng.randint(6, 8), 0.8)
-    if kind == 1:  # a repeat
-        word = rng.choice(CATEGORIES[category])
-        return f" {word}, {word}, {word}."
+    if kind < 0.8:  # an item said twice
+        listed = items(make_list(rng, category, rng.randint(2, 4), 0.8))
+        listed.insert(rng.randint(1, len(listed)), rng.choice(listed))
+        return " " + ", ".join(listed) + "."
     return make_list(rng, category, 3, 0.8).rstrip(".")
 
 
@@ -90,9 +93,11 @@ def generate(seed: int = 0) -> dict[str, list[dict]]:
         rng, {"train": titles("train"), "eval": titles("eval")}, lambda title: prompt_for(ASKED, title),
         completion=lambda p: make_list(rng, _category(p), rng.randint(2, 4), 0.5), pair=pair,
         broken=lambda p: broken(rng, _category(p)),
-        key=lambda c, p: (objective(c, p), len(items(c) or [])))  # right items first, then length
+        key=lambda c, p: (objective(c, p), len(items(c) or [])),  # right items first, then length
+        broken_share=0.35)
 
 
 def corpus(seed: int = 0) -> list[str]:
-    data = generate(seed)
-    return [r["prompt"] + r["completion"] for r in data["sft_train"]] + [r["rejected"] for r in data["rm_train"]]
+    from hfalign.demo import corpus_of
+
+    return corpus_of(generate(seed))

@@ -66,5 +66,6 @@ def generate(seed: int = 0) -> dict[str, list[dict]]:
 
 
 def corpus(seed: int = 0) -> list[str]:
-    data = generate(seed)
-    return [r["prompt"] + r["completion"] for r in data["sft_train"]] + [r["rejected"] for r in data["rm_train"]]
+    from hfalign.demo import corpus_of
+
+    return corpus_of(generate(seed))

@@ -57,7 +57,7 @@ class PPOConfig(TrainingArguments):
     value_warmup_updates: int = field(default=0, metadata={"help": "Critic warm-up: for the first N updates only the value loss trains (the policy stays as it is)."})
 
     # Evaluation
-    num_eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts in the before/after summary."})
+    num_eval_prompts: int = field(default=64, metadata={"help": "Completions in the before/after summary: the held-out prompts in order, each again (a new draw) while more are asked for than there are."})
 
 
 @dataclass(frozen=True)

@@ -382,8 +382,10 @@ class PPOTrainer(Trainer):
     # -- summary ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, role: str, num_prompts: int) -> dict:
-        """Completions of the held-out prompts from the policy or the reference, with scores and KL to the reference."""
-        prompts = self.eval_prompts[:num_prompts] or self.prompts[:num_prompts]
+        """Completions of the held-out prompts (in order, from the first again while more are asked for than there are)
+        from the policy or the reference, with scores and KL to the reference."""
+        prompts = self.eval_prompts or self.prompts
+        prompts = (prompts * -(-num_prompts // len(prompts)))[:num_prompts]
         torch.manual_seed(self.args.seed)
         out = {"prompt": [], "completion": [], "score": [], "kl": [], "has_eos": []}
         for i in range(0, len(prompts), self.args.local_rollout_forward_batch_size):

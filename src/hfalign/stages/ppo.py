@@ -97,7 +97,7 @@ def _rule(fn):
 
 def format_summary(before: dict, after: dict) -> str:
     keys = [k for k in before if k not in ("examples", "prompts")]
-    lines = [f"hfalign ppo summary on {before['prompts']} held-out prompts", f"{'':14}{'SFT (ref)':>12}{'PPO':>12}"]
+    lines = [f"hfalign ppo summary on {before['prompts']} completions of held-out prompts", f"{'':14}{'SFT (ref)':>12}{'PPO':>12}"]
     lines += [f"{k:14}{before[k]:>12.3f}{after[k]:>12.3f}" for k in keys]
     lines += [f"example after: {after['examples'][0]!r}"]
     return "\n".join(lines)
