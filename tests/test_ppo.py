@@ -212,7 +212,7 @@ def test_early_stop_on_approx_kl(pipeline, tmp_path):
 
 
 def test_score_shaping(pipeline, tmp_path):
-    trainer = api_trainer(pipeline, tmp_path, missing_eos_penalty=2.0, score_clip=1.5)
+    trainer = api_trainer(pipeline, tmp_path, missing_eos_penalty=2.0, score_clip=1.5, normalize_scores=False)
     shaped = trainer.shape_scores(torch.tensor([0.5, 3.0, 0.5]), torch.tensor([True, True, False]))
     assert shaped.tolist() == [0.5, 1.5, -1.5]  # -2 for the truncated one, then clip to +-1.5
     trainer = api_trainer(pipeline, tmp_path, normalize_scores=True)

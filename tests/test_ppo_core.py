@@ -152,3 +152,13 @@ def test_entropy_no_grad_matches_and_keeps_no_graph(monkeypatch, block):
     logits = torch.randn(2, 5, 30, requires_grad=True)
     ent = core.entropy_no_grad(logits, 0.7)
     assert not ent.requires_grad and torch.allclose(ent, core.entropy_from_logits(logits, 0.7), atol=1e-6)
+
+
+def test_repetition_by_hand():
+    responses = torch.tensor([[1, 2, 1, 2, 1, 0], [5, 5, 5, 5, 0, 0], [7, 8, 9, 0, 0, 0], [3, 0, 0, 0, 0, 0]])
+    mask = responses != 0
+    # [1 2 1 2 1]: bigrams 12 21 12 21 -> 2 distinct of 4; [5 5 5 5]: 55 x3 -> 1 of 3; [7 8 9]: none repeated;
+    # one token: no bigram, 0
+    assert core.repetition(responses, mask).tolist() == pytest.approx([0.5, 2 / 3, 0.0, 0.0])
+    # what follows the end does not count: the same row with the padding turned into repeats of the last token
+    assert core.repetition(torch.tensor([[7, 8, 9, 9, 9, 9]]), mask[2:3]).tolist() == [0.0]

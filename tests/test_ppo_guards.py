@@ -22,7 +22,8 @@ def make(pipeline, out, guard_callbacks, **overrides):
 
     tok = AutoTokenizer.from_pretrained(pipeline["sft"], padding_side="left")
     kw = dict(output_dir=str(out), per_device_train_batch_size=8, num_mini_batches=2, num_ppo_epochs=2,
-              total_episodes=64, response_length=12, report_to="none", save_strategy="no", seed=0, learning_rate=1e-2)
+              total_episodes=64, response_length=12, report_to="none", save_strategy="no", seed=0, learning_rate=1e-2,
+              adaptive_kl=False)  # beta moves only by the guards here
     kw.update(overrides)
     return PPOTrainer(args=PPOConfig(**kw), processing_class=tok,
                       model=AutoModelForCausalLM.from_pretrained(pipeline["sft"]),
@@ -52,7 +53,7 @@ def test_rollback_restores_the_checkpoint_and_raises_the_kl_coefficient(pipeline
     # a rollout of the SFT policy itself has KL 0: updates 1, 3 and 5 (after each rollback to the start) pass;
     # updates 2 and 4 trip and roll back; update 6 trips once more than max_rollbacks allows and stops the run
     assert [("guard/KL_guard" in h) for h in logs] == [False, True, False, True, False, True]
-    assert [h["objective/kl_coef"] for h in logs] == pytest.approx([0.05, 0.05, 0.1, 0.1, 0.2, 0.2])
+    assert [h["objective/kl_coef"] for h in logs] == pytest.approx([0.2, 0.2, 0.4, 0.4, 0.8, 0.8])
     start = snaps.at[0]
     assert any(not torch.equal(start[n], snaps.at[1][n]) for n in start)  # update 1 trained
     for step in (2, 4):  # each rollback put back the weights of checkpoint-0 (the run's start)
@@ -90,6 +91,20 @@ def test_collapse_detector_on_a_metric_stream():
     assert reason and reason.startswith("policy/entropy_avg")
 
 
+def test_collapse_detector_sees_answers_turning_repetitive():
+    guard = CollapseGuardCallback(window=2, drop=0.5, rise=0.15, action="rollback")
+    healthy = {"val/response_length": 12.0, "policy/entropy_avg": 1.0, "objective/scores": 0.0, "val/repetition": 0.05}
+    for _ in range(2):
+        assert guard.trip(healthy) is None
+    assert guard.trip({**healthy, "objective/scores": 2.0, "val/repetition": 0.15}) is None  # +0.10: within rise
+    assert guard.trip({**healthy, "objective/scores": -1.0, "val/repetition": 0.5}) is None  # repetitive, score fell
+    reason = guard.trip({**healthy, "objective/scores": 2.0, "val/repetition": 0.3})  # ' lemon, lemon, lemon.'
+    assert reason == "val/repetition 0.3 > its early mean 0.05 + 0.15 while the score rose"
+    old_stream = {k: v for k, v in healthy.items() if k != "val/repetition"}  # metrics written before the signal
+    guard = CollapseGuardCallback(window=1)
+    assert guard.trip(old_stream) is None and guard.trip({**old_stream, "objective/scores": 1.0}) is None
+
+
 def test_adaptive_kl_controller_unclipped():
     # KL 6.6 against target 6: error +0.1 (inside the +-0.2 clip); 64 episodes of a 1000-episode horizon
     assert core.adaptive_kl_coef(0.1, 6.6, 6.0, 1000, 64) == pytest.approx(0.1 * (1 + 0.1 * 64 / 1000))
@@ -113,3 +128,21 @@ def test_shipped_ppo_recipe_turns_on_acting_guards(tiny_model, tmp_path):
                                                 f"data.eval={ROOT / 'data/ppo_eval_prompts.jsonl'}"])
     built = {type(cb): cb for cb in callbacks.build(r)}
     assert built[KLGuardCallback].action == "rollback" and built[CollapseGuardCallback].action == "rollback"
+
+
+ROBUST_DEFAULTS = {"kl_coef": 0.2, "adaptive_kl": True, "target_kl": 3.0, "normalize_scores": True,
+                   "early_stop_kl": 0.02, "missing_eos_penalty": 1.0}
+
+
+def test_ppo_config_defaults_are_the_robust_ones_and_the_template_writes_them_out():
+    import dataclasses
+
+    import yaml
+
+    from hfalign.ppo.config import PPOConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+    assert {k: defaults[k] for k in ROBUST_DEFAULTS} == ROBUST_DEFAULTS  # README "PPO defaults" says why
+    template = yaml.safe_load((ROOT / "recipes/ppo.yaml").read_text())["train"]
+    assert {k: template[k] for k in ROBUST_DEFAULTS} == ROBUST_DEFAULTS  # what the robustness table measured
+    assert PPOConfig(output_dir="x", report_to="none").normalize_scores  # and what the TRL-style API gets

@@ -273,7 +273,8 @@ def test_score_read_at_the_stop_token_in_a_mixed_left_padded_batch(pipeline, tmp
     from transformers import AutoModelForSequenceClassification
 
     stop = 300  # any token id: declared a stop token for this run
-    trainer = make_trainer(pipeline["sft"], pipeline["rm"], tmp_path, stop_token_ids=[stop], missing_eos_penalty=1.0)
+    trainer = make_trainer(pipeline["sft"], pipeline["rm"], tmp_path, stop_token_ids=[stop], missing_eos_penalty=1.0,
+                           normalize_scores=False)
     tok = trainer.tokenizer
     eos, pad = tok.eos_token_id, tok.pad_token_id
     assert trainer.stop_ids == [eos, stop]

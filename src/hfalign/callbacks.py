@@ -78,29 +78,35 @@ class KLGuardCallback(Guard):
 
 
 class CollapseGuardCallback(Guard):
-    """Response length or entropy falling below `drop` x their mean over the first `window` updates while the score
-    is above its mean then: the policy found short or degenerate answers the reward model still likes."""
+    """Answers degenerating while the score is above its mean over the first `window` updates: response length or
+    entropy below `drop` x their early mean, or the share of repeated bigrams in a response (val/repetition) above
+    its early mean + `rise`. The policy found short, certain or repetitive answers the reward model still likes."""
 
     name = "collapse guard"
-    WATCHED = ("val/response_length", "policy/entropy_avg")
+    FALLING = ("val/response_length", "policy/entropy_avg")
+    RISING = ("val/repetition",)  # optional: a metric stream without it is watched for the falling ones only
 
-    def __init__(self, window: int = 5, drop: float = 0.5, action: str = "warn", **kw):
+    def __init__(self, window: int = 5, drop: float = 0.5, rise: float = 0.15, action: str = "warn", **kw):
         super().__init__(action, **kw)
-        self.window, self.drop, self.seen = window, drop, []
+        self.window, self.drop, self.rise, self.seen = window, drop, rise, []
 
     def trip(self, metrics: dict) -> str | None:
-        keys = (*self.WATCHED, "objective/scores")
+        keys = (*self.FALLING, "objective/scores")
         if any(k not in metrics for k in keys):
             return None
+        rising = [k for k in self.RISING if k in metrics and all(k in m for m in self.seen)]
         if len(self.seen) < self.window:
-            self.seen.append({k: metrics[k] for k in keys})
+            self.seen.append({k: metrics[k] for k in (*keys, *self.RISING) if k in metrics})
             return None
-        ref = {k: sum(m[k] for m in self.seen) / len(self.seen) for k in keys}
+        ref = {k: sum(m[k] for m in self.seen) / len(self.seen) for k in (*keys, *rising)}
         if metrics["objective/scores"] <= ref["objective/scores"]:
             return None
-        for key in self.WATCHED:
+        for key in self.FALLING:
             if metrics[key] < self.drop * ref[key]:
                 return f"{key} {metrics[key]:.3g} < {self.drop} x its early mean {ref[key]:.3g} while the score rose"
+        for key in rising:
+            if metrics[key] > ref[key] + self.rise:
+                return f"{key} {metrics[key]:.3g} > its early mean {ref[key]:.3g} + {self.rise} while the score rose"
         return None
 
 
@@ -141,12 +147,14 @@ def make_kl_guard(recipe, max_kl: float = 20.0, action: str = "warn", kl_factor:
     return KLGuardCallback(float(max_kl), **_guard_options("kl_guard", action, kl_factor, lr_factor, max_rollbacks))
 
 
-def make_collapse_guard(recipe, window: int = 5, drop: float = 0.5, action: str = "warn", kl_factor: float = 2.0,
-                        lr_factor: float = 1.0, max_rollbacks: int = 3):
-    if not isinstance(window, int) or window < 1 or not isinstance(drop, (int, float)) or not 0 < drop < 1:
-        raise UserError(f"collapse_guard needs window >= 1 and 0 < drop < 1, got window={window!r}, drop={drop!r}.",
-                        fix="e.g. {name: collapse_guard, window: 5, drop: 0.5, action: rollback}")
-    return CollapseGuardCallback(window, float(drop), **_guard_options("collapse_guard", action, kl_factor, lr_factor,
+def make_collapse_guard(recipe, window: int = 5, drop: float = 0.5, rise: float = 0.15, action: str = "warn",
+                        kl_factor: float = 2.0, lr_factor: float = 1.0, max_rollbacks: int = 3):
+    if not isinstance(window, int) or window < 1 or not isinstance(drop, (int, float)) or not 0 < drop < 1 \
+            or not isinstance(rise, (int, float)) or not 0 < rise < 1:
+        raise UserError(f"collapse_guard needs window >= 1, 0 < drop < 1 and 0 < rise < 1, got window={window!r}, "
+                        f"drop={drop!r}, rise={rise!r}.",
+                        fix="e.g. {name: collapse_guard, window: 5, drop: 0.5, rise: 0.15, action: rollback}")
+    return CollapseGuardCallback(window, float(drop), float(rise), **_guard_options("collapse_guard", action, kl_factor, lr_factor,
                                                                       max_rollbacks))
 
 

@@ -33,14 +33,14 @@ class PPOConfig(TrainingArguments):
     # Score
     missing_eos_penalty: float | None = field(default=1.0, metadata={"help": "Subtracted from the score of a truncated response (no EOS or stop token within response_length): a cut-off answer is not a finished one (pitfall 8). null: no penalty."})
     score_clip: float | None = field(default=None, metadata={"help": "Clip scores to [-score_clip, score_clip]."})
-    normalize_scores: bool = field(default=False, metadata={"help": "Normalise scores by their running mean and std."})
+    normalize_scores: bool = field(default=True, metadata={"help": "Normalise scores by their running mean and std, so the KL coefficient means the same whatever the reward model's scale (OpenAI lm-human-preferences normalises its reward model; 'Secrets of RLHF' PPO-max). TRL 1.12: false."})
 
     # KL
-    kl_coef: float = field(default=0.05, metadata={"help": "Initial KL coefficient beta in r_t = -beta * KL_t."})
+    kl_coef: float = field(default=0.2, metadata={"help": "Initial KL coefficient beta in r_t = -beta * KL_t. TRL 1.12's 0.05 let reward hacking through on the robustness tasks (README 'Robustness'); lm-human-preferences starts at 0.15."})
     kl_estimator: Literal["k1", "k3"] = field(default="k1", metadata={"help": "Per-token KL estimator."})
-    adaptive_kl: bool = field(default=False, metadata={"help": "Adapt beta towards target_kl (Ziegler et al. 2019)."})
-    target_kl: float = field(default=6.0, metadata={"help": "Adaptive KL target (per-sequence KL, nats)."})
-    kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon (episodes)."})
+    adaptive_kl: bool = field(default=True, metadata={"help": "Adapt beta towards target_kl (Ziegler et al. 2019): a long run's KL settles near the target instead of drifting. TRL 1.12: false."})
+    target_kl: float = field(default=3.0, metadata={"help": "Adaptive KL target (per-response KL, nats). Ziegler et al. used 6; every robustness run that held stayed at KL 1-3 and the runs that collapsed went past 7."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon (episodes; Ziegler et al.): beta moves at most 0.2 x rollout batch / horizon per update."})
 
     # Advantages and updates
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
@@ -53,7 +53,7 @@ class PPOConfig(TrainingArguments):
     cliprange_value: float = field(default=0.2, metadata={"help": "Value clip around the rollout values."})
     vf_coef: float = field(default=0.1, metadata={"help": "Value loss coefficient."})
     entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus coefficient."})
-    early_stop_kl: float | None = field(default=None, metadata={"help": "Stop a batch's PPO epochs once approx-KL exceeds this."})
+    early_stop_kl: float | None = field(default=0.02, metadata={"help": "Stop a batch's PPO epochs once their mean approx-KL exceeds this (seen as fewer train/optimizer_steps): a safety net against one bad batch moving the policy far (Spinning Up stops at 1.5 x 0.01). Healthy updates stay near 1e-3. null: never. TRL 1.12: never."})
     value_warmup_updates: int = field(default=0, metadata={"help": "Critic warm-up: for the first N updates only the value loss trains (the policy stays as it is)."})
 
     # Evaluation

@@ -201,6 +201,17 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return 1 - masked_var(returns - values, mask, unbiased=False) / var_returns.clamp(min=1e-8)
 
 
+def repetition(responses: torch.Tensor, mask: torch.Tensor, n: int = 2) -> torch.Tensor:
+    """Per response: the share of its token n-grams that already occurred earlier in it. 0 for no repeats; a
+    degenerate ' lemon, lemon, lemon.' rises towards 1 (distinct-n, Li et al. 2016, seen from the other side)."""
+    out = []
+    for row, keep in zip(responses.tolist(), mask.tolist()):
+        tokens = [t for t, k in zip(row, keep) if k]
+        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        out.append(1.0 - len(set(grams)) / len(grams) if grams else 0.0)
+    return torch.tensor(out, device=responses.device)
+
+
 def adaptive_kl_coef(coef: float, current_kl: float, target: float, horizon: int, n_steps: int) -> float:
     """Ziegler et al. 2019: move the KL coefficient so the measured KL tracks `target`; the proportional error is
     clipped to +-0.2 and scaled by n_steps / horizon."""

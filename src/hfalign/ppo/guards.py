@@ -17,13 +17,6 @@ def guards(trainer) -> list:
 def prepare(trainer, resuming: bool) -> None:
     """A run with a rollback guard has something to roll back to from the start: checkpoint-0."""
     rollback = [g for g in guards(trainer) if g.action == "rollback"]
-    if rollback and trainer.is_deepspeed_enabled:  # restoring a DeepSpeed engine mid-run is not done yet
-        for guard in rollback:
-            guard.action = "stop"
-        if trainer.is_world_process_zero():
-            print("hfalign: under DeepSpeed a guard's rollback acts as stop (a checkpoint is saved; rerun to resume)",
-                  flush=True)
-        return
     if rollback and not resuming:
         trainer._save_checkpoint(trainer.model, trial=None)
 
@@ -68,14 +61,20 @@ def act(trainer, tripped: list[tuple]) -> None:
 def restore(trainer, checkpoint: str, kl_factor: float = 1.0, lr_factor: float = 1.0) -> None:
     """The checkpoint's trainable weights, optimizer state, KL coefficient and score statistics; then the KL
     coefficient times kl_factor and the learning rate (and its schedule) times lr_factor. Step, episode and data
-    position go on: a rollback costs the updates since the checkpoint."""
+    position go on: a rollback costs the updates since the checkpoint. Under DeepSpeed the engine loads its own
+    checkpoint (its scheduler too, so the schedule resumes from the checkpoint's step)."""
     from hfalign.ppo import core
 
     old_kl = trainer.kl_coef
-    trainer._load_from_checkpoint(checkpoint)
-    optimizer_file = os.path.join(checkpoint, "optimizer.pt")
-    if os.path.isfile(optimizer_file):
-        trainer.optimizer.load_state_dict(torch.load(optimizer_file, map_location=trainer.args.device))
+    if trainer.is_deepspeed_enabled:  # the engine's own checkpoint: weights, optimizer, scheduler, on every rank
+        from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+        deepspeed_load_checkpoint(trainer.model_wrapped, checkpoint, load_module_strict=False)
+    else:
+        trainer._load_from_checkpoint(checkpoint)
+        optimizer_file = os.path.join(checkpoint, "optimizer.pt")
+        if os.path.isfile(optimizer_file):
+            trainer.optimizer.load_state_dict(torch.load(optimizer_file, map_location=trainer.args.device))
     with open(os.path.join(checkpoint, "hfalign_ppo_state.json"), encoding="utf-8") as f:
         saved = json.load(f)
     trainer.kl_coef = max(saved["kl_coef"], old_kl) * kl_factor  # repeated rollbacks keep raising it

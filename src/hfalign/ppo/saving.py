@@ -15,11 +15,30 @@ import os
 
 from safetensors.torch import save_file
 
-from hfalign.ppo.policy_value import PolicyAndValue
+from hfalign.ppo.policy_value import PolicyAndValue, gathered
 
 
 def _contiguous(sd: dict) -> dict:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def state_to_save(model: PolicyAndValue, trainable_only: bool, should_save: bool) -> dict:
+    """What a save writes, on CPU: every trainable tensor (a checkpoint), or the result's parts (critic and value
+    head; the policy, or only its adapters on a shared base). Gathered under ZeRO-3 on every rank (a collective);
+    kept only where `should_save`."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def wanted(name: str) -> bool:
+        if trainable_only:
+            return name in trainable
+        if name.startswith(("critic.", "value_head.")):
+            return True
+        return name.startswith("policy.") and (not model.shared or "lora_" in name)  # shared: adapters only
+
+    with gathered([p for n, p in model.named_parameters() if wanted(n)]):
+        if not should_save:
+            return {}
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if wanted(k)}
 
 
 def save_parts(wrapper: PolicyAndValue, state_dict: dict, output_dir: str, tokenizer) -> None:

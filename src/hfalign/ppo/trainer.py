@@ -37,7 +37,7 @@ from hfalign.ppo import core, guards
 from hfalign.ppo.build import from_trl_args
 from hfalign.ppo.config import PPOConfig, plan, plan_problem
 from hfalign.ppo.generation import HFGenerator, stop_token_ids
-from hfalign.ppo.policy_value import PolicyAndValue, gathered
+from hfalign.ppo.policy_value import PolicyAndValue
 from hfalign.ppo.rollout import Rollout, left_pad, prompt_batches
 
 PPO_STATE = "hfalign_ppo_state.json"
@@ -285,6 +285,7 @@ class PPOTrainer(Trainer):
             "val/num_eos_tokens": r.has_eos.float().sum(),
             "val/truncated_frac": (~r.has_eos).float().mean(),
             "val/response_length": r.mask.sum(1).float().mean(),
+            "val/repetition": core.repetition(r.responses, r.mask).mean(),  # share of repeated bigrams
             "val/explained_variance": core.explained_variance(r.values, returns, r.mask),
             "train/optimizer_steps": steps,
             **r.timing,
@@ -296,7 +297,7 @@ class PPOTrainer(Trainer):
         if a.adaptive_kl:
             self.kl_coef = core.adaptive_kl_coef(self.kl_coef, metrics["objective/kl"], a.target_kl, a.kl_horizon,
                                                  self.plan.global_rollout_batch)
-        self._notify_rollout(r, scores)
+        self._notify_rollout(r, r.scores)  # the sample table shows what the reward model or function said
         return metrics
 
     def _notify_rollout(self, r: Rollout, scores: torch.Tensor) -> None:
@@ -350,12 +351,12 @@ class PPOTrainer(Trainer):
         """The result (policy + value as HF files), or for a checkpoint (`_internal_call`) the trainable weights
         once: under DeepSpeed its own checkpoint holds them, so nothing is consolidated; elsewhere
         trainable.safetensors. Under ZeRO-3 only what is written is gathered, never the frozen reference or reward."""
-        from hfalign.ppo.saving import save_parts, save_trainable
+        from hfalign.ppo.saving import save_parts, save_trainable, state_to_save
 
         output_dir = output_dir or self.args.output_dir
         if _internal_call and self.is_deepspeed_enabled:
             return
-        state = self._state_to_save(trainable_only=_internal_call)
+        state = state_to_save(self.model, trainable_only=_internal_call, should_save=self.args.should_save)
         if not self.args.should_save:
             return
         if _internal_call:
@@ -363,21 +364,6 @@ class PPOTrainer(Trainer):
         else:
             save_parts(self.model, state, output_dir, self.tokenizer)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _state_to_save(self, trainable_only: bool) -> dict:
-        model, trainable = self.model, {n for n, p in self.model.named_parameters() if p.requires_grad}
-
-        def wanted(name: str) -> bool:
-            if trainable_only:
-                return name in trainable
-            if name.startswith(("critic.", "value_head.")):
-                return True
-            return name.startswith("policy.") and (not model.shared or "lora_" in name)  # shared: adapters only
-
-        with gathered([p for n, p in model.named_parameters() if wanted(n)]):
-            if not self.args.should_save:
-                return {}
-            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if wanted(k)}
 
     # -- summary ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
