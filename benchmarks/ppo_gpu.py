@@ -73,7 +73,8 @@ def worker(kind: str, models: str, device: str, episodes: int, out: str) -> dict
     else:
         from hfalign.ppo import PPOConfig, PPOTrainer
 
-        args, extra = PPOConfig(**common), {}
+        # TRL 1.12's values for the robustness defaults, so both trainers do the same work
+        args, extra = PPOConfig(**common, early_stop_kl=None, adaptive_kl=False, normalize_scores=False), {}
     trainer = PPOTrainer(args=args, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(policy_dir, **load),
                          reward_model=AutoModelForSequenceClassification.from_pretrained(rm_dir, **load),
                          value_model=AutoModelForSequenceClassification.from_pretrained(rm_dir, **load),

@@ -30,6 +30,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import workers  # noqa: E402
 
 PY = sys.executable
+# hfalign's robustness defaults that change how much work an update does (early stop skips optimizer steps) are set to
+# TRL 1.12's, so both trainers do the same work
+TRL_WORK = {"early_stop_kl": None, "adaptive_kl": False, "normalize_scores": False}
 SETTINGS = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "num_mini_batches": 4,
             "num_ppo_epochs": 4, "response_length": 24, "temperature": 1.0, "learning_rate": 3e-4, "kl_coef": 0.05,
             "missing_eos_penalty": 1.0, "local_rollout_forward_batch_size": 64, "seed": 0}
@@ -77,7 +80,7 @@ def worker_hfalign(sft: str, rm: str, episodes: int, out: str) -> dict:
 
     tok = AutoTokenizer.from_pretrained(sft, padding_side="left")
     args = PPOConfig(output_dir=out, total_episodes=episodes, report_to="none", save_strategy="no",
-                     logging_steps=10_000, **SETTINGS)
+                     logging_steps=10_000, **SETTINGS, **TRL_WORK)
     trainer = PPOTrainer(args=args, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(sft),
                          reward_model=AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1),
                          value_model=AutoModelForSequenceClassification.from_pretrained(rm, num_labels=1),
