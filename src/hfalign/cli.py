@@ -4,7 +4,8 @@
     hfalign validate RECIPE [overrides]          every check, no model loaded; exit 2 on a mistake
     hfalign show RECIPE [overrides]              print the resolved recipe
     hfalign schema                               every recipe key with its type, default and meaning
-    hfalign build-tiny [DIR] [--task T]          build a demo task's tiny LLaMA model (default: models/tiny-llama)
+    hfalign build-tiny [DIR] [--task T] [--family F]  build a demo task's tiny model (default: models/tiny-llama;
+                                                   F: llama (default), llama2, llama3, glm, glm4)
     hfalign make-data [DIR] [--task T]           write a demo task's data files (default: the embedded default, data/)
 
 User mistakes print one line `hfalign: error: ...` and exit 2; there is no traceback for them.
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("dir", nargs="?", default=default)
         s.add_argument("--task", default="reviews", choices=["reviews", "lists", "slots"], help="demo task (hfalign.demo)")
         s.add_argument("--seed", type=int, default=0)
+        if name == "build-tiny":
+            s.add_argument("--family", default="llama", choices=["llama", "llama2", "llama3", "glm", "glm4"],
+                           help="what the model imitates: config class, special tokens, chat template")
     return p
 
 
@@ -61,7 +65,7 @@ def _run(argv: list[str]) -> int:
     if args.command == "build-tiny":
         from hfalign.demo.tiny import build_tiny
 
-        print(f"built {build_tiny(args.dir, seed=args.seed, task=args.task)}")
+        print(f"built {build_tiny(args.dir, seed=args.seed, task=args.task, family=args.family)}")
         return 0
     if args.command == "make-data":
         from hfalign.demo import write_data

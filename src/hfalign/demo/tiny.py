@@ -1,7 +1,18 @@
-"""Build the tiny LLaMA-architecture model of the embedded default, deterministically and offline.
+"""Build the tiny models of the demo, deterministically and offline.
 
-A byte-level BPE tokenizer trained on a demo task's own text (hfalign.demo.TASKS) (with a pad token distinct from EOS) and a randomly
-initialised LlamaForCausalLM from a fixed seed. `hfalign build-tiny DIR` writes both in HF format.
+A byte-level BPE tokenizer trained on a demo task's own text (hfalign.demo.TASKS) and a randomly initialised model
+from a fixed seed; `hfalign build-tiny DIR` writes both in HF format. `--family` picks what the model imitates:
+
+    llama    the embedded default: LlamaConfig, <s> </s>, a pad distinct from EOS, a plain chat template
+    llama2   LLaMA-2 chat: <s> added by the tokenizer, [INST] ... [/INST] template, no pad token (as shipped)
+    llama3   LLaMA-3 instruct: <|begin_of_text|>, turns end with <|eot_id|> (the tokenizer's EOS), generation stops
+             at <|end_of_text|> or <|eot_id|>, no pad token (as shipped)
+    glm      transformers' native GLM (GlmConfig): [gMASK]<sop> prefix, <|user|> / <|assistant|> turns,
+    glm4     GLM-4 (Glm4Config): EOS <|endoftext|> which is also the pad (as shipped); generation stops at
+             <|endoftext|>, <|user|> or <|observation|>
+
+The family facts hfalign acts on (stop tokens, LoRA targets, ...) are in hfalign.models.FAMILIES; these only make
+checkpoints that look like the real ones, for tests.
 """
 
 from __future__ import annotations
@@ -15,6 +26,37 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
+LLAMA2_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] {{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}"
+)
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+GLM_TEMPLATE = (
+    "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+_GLM_TOKENS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+# family: config class, special tokens (first ones: bos, eos, pad, unk as named), chat template, BOS added by the
+# tokenizer, the tokens generation stops at
+TINY_FAMILIES = {
+    "llama": dict(config="LlamaConfig", specials=["<pad>", "<s>", "</s>", "<unk>"], bos="<s>", eos="</s>",
+                  pad="<pad>", unk="<unk>", template=CHAT_TEMPLATE, add_bos=True, stop=["</s>"]),
+    "llama2": dict(config="LlamaConfig", specials=["<unk>", "<s>", "</s>"], bos="<s>", eos="</s>", pad=None,
+                   unk="<unk>", template=LLAMA2_TEMPLATE, add_bos=True, stop=["</s>"]),
+    "llama3": dict(config="LlamaConfig", specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                                   "<|end_header_id|>", "<|eot_id|>"],
+                   bos="<|begin_of_text|>", eos="<|eot_id|>", pad=None, unk=None, template=LLAMA3_TEMPLATE,
+                   add_bos=True, stop=["<|end_of_text|>", "<|eot_id|>"]),
+    "glm": dict(config="GlmConfig", specials=_GLM_TOKENS, bos=None, eos="<|endoftext|>", pad="<|endoftext|>",
+                unk=None, template=GLM_TEMPLATE, add_bos=False, stop=["<|endoftext|>", "<|user|>", "<|observation|>"]),
+    "glm4": dict(config="Glm4Config", specials=_GLM_TOKENS, bos=None, eos="<|endoftext|>", pad="<|endoftext|>",
+                 unk=None, template=GLM_TEMPLATE, add_bos=False, stop=["<|endoftext|>", "<|user|>", "<|observation|>"]),
+}
+
 SIZES = {
     # name: (hidden, intermediate, layers, heads, kv_heads)
     "tiny": (64, 192, 2, 4, 2),  # widths divisible by 32: bitsandbytes' CPU 4-bit kernels need it (QLoRA eval)
@@ -22,48 +64,50 @@ SIZES = {
 }
 
 
-def build_tokenizer(vocab_size: int = 512, seed: int = 0, task: str = "reviews"):
+def build_tokenizer(vocab_size: int = 512, seed: int = 0, task: str = "reviews", family: str = "llama"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from hfalign.demo import get_task
 
-    corpus = get_task(task).corpus
+    corpus, spec = get_task(task).corpus, TINY_FAMILIES[family]
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=spec["specials"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus(seed), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", padding_side="left"
-    )
-    fast.chat_template = CHAT_TEMPLATE
+    if spec["add_bos"]:
+        bos = (spec["bos"], tok.token_to_id(spec["bos"]))
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B",
+                                                           special_tokens=[bos])
+    named = {f"{k}_token": spec[k] for k in ("bos", "eos", "pad", "unk") if spec[k]}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **named)
+    fast.chat_template = spec["template"]
     return fast
 
 
-def build_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, vocab_size: int = 512, task: str = "reviews") -> Path:
+def build_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, vocab_size: int = 512, task: str = "reviews",
+               family: str = "llama") -> Path:
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    out = Path(out_dir)
-    tokenizer = build_tokenizer(vocab_size, seed, task)
+    out, spec = Path(out_dir), TINY_FAMILIES[family]
+    tokenizer = build_tokenizer(vocab_size, seed, task, family)
     hidden, inter, layers, heads, kv = SIZES[size]
-    config = LlamaConfig(
+    stop = [tokenizer.convert_tokens_to_ids(t) for t in spec["stop"]]
+    config = getattr(transformers, spec["config"])(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        dtype="float32",
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads, max_position_embeddings=256,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stop if len(stop) > 1 else stop[0], dtype="float32",
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                               eos_token_id=config.eos_token_id)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
