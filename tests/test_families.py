@@ -77,3 +77,25 @@ def test_ppo_recipe_runs_on_a_family_model(family_models, tmp_path, family):
     assert [u["episode"] for u in read_jsonl(out / "metrics.jsonl", having="objective/kl")] == [32, 64]
     assert json.loads((out / "summary.json").read_text())["after (policy)"]["prompts"] == 8
     assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == EXPECTED[family][1]
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3"])
+def test_conversational_prompts_carry_one_bos(family_models, tmp_path, family):
+    """Their chat templates write the BOS themselves and their tokenizers add one too: a prompt must not get two."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from hfalign.demo.task import positivity_reward
+    from hfalign.ppo import PPOConfig, PPOTrainer
+
+    path = family_models[family]
+    tok = models.load_tokenizer(ModelSection(name_or_path=str(path)))
+    turn = [{"role": "user", "content": "Write a review of the red door."}]
+    trainer = PPOTrainer(args=PPOConfig(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=2,
+                                        total_episodes=2), processing_class=tok,
+                         model=AutoModelForCausalLM.from_pretrained(path), reward_model=positivity_reward,
+                         value_model=AutoModelForSequenceClassification.from_pretrained(path, num_labels=1),
+                         train_dataset=datasets.Dataset.from_list([{"prompt": turn}] * 2))
+    ids = trainer.prompts[0]
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert tok.decode(ids, skip_special_tokens=False).startswith(EXPECTED[family][2])
