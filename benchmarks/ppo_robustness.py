@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from hfalign.demo import TASKS  # task name -> the module holding its rules
+
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = {"reviews": "hfalign.demo.task", "lists": "hfalign.demo.lists", "slots": "hfalign.demo.slots"}
 
 
 def hfalign(*args: str) -> None:

@@ -33,13 +33,16 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("recipe")
         s.add_argument("overrides", nargs="*", help="dotted key=value, value parsed as YAML")
     sub.add_parser("schema", help="print every recipe key")
+    from hfalign.demo import TASKS
+    from hfalign.demo.tiny import TINY_FAMILIES
+
     for name, default in (("build-tiny", "models/tiny-llama"), ("make-data", "data")):
         s = sub.add_parser(name)
         s.add_argument("dir", nargs="?", default=default)
-        s.add_argument("--task", default="reviews", choices=["reviews", "lists", "slots"], help="demo task (hfalign.demo)")
+        s.add_argument("--task", default="reviews", choices=list(TASKS), help="demo task (hfalign.demo)")
         s.add_argument("--seed", type=int, default=0)
         if name == "build-tiny":
-            s.add_argument("--family", default="llama", choices=["llama", "llama2", "llama3", "glm", "glm4"],
+            s.add_argument("--family", default="llama", choices=list(TINY_FAMILIES),
                            help="what the model imitates: config class, special tokens, chat template")
     return p
 

@@ -53,9 +53,8 @@ TINY_FAMILIES = {
                    add_bos=True, stop=["<|end_of_text|>", "<|eot_id|>"]),
     "glm": dict(config="GlmConfig", specials=_GLM_TOKENS, bos=None, eos="<|endoftext|>", pad="<|endoftext|>",
                 unk=None, template=GLM_TEMPLATE, add_bos=False, stop=["<|endoftext|>", "<|user|>", "<|observation|>"]),
-    "glm4": dict(config="Glm4Config", specials=_GLM_TOKENS, bos=None, eos="<|endoftext|>", pad="<|endoftext|>",
-                 unk=None, template=GLM_TEMPLATE, add_bos=False, stop=["<|endoftext|>", "<|user|>", "<|observation|>"]),
 }
+TINY_FAMILIES["glm4"] = {**TINY_FAMILIES["glm"], "config": "Glm4Config"}  # GLM-4 ships GLM's tokens and template
 
 SIZES = {
     # name: (hidden, intermediate, layers, heads, kv_heads)
