@@ -1,5 +1,8 @@
 # hfalign: make sft | make rm | make ppo | make test | make lint
-#   RECIPE=...            recipe for `make train`            (stage targets use SFT_RECIPE / RM_RECIPE / PPO_RECIPE)
+#   RECIPES=dir           recipe directory for sft/rm/ppo (default: recipes, the embedded default). Its stages run
+#                         $(RECIPES)/sft$(VARIANT).yaml ... and write outputs/<dir>$(VARIANT)/<stage>, e.g.
+#                         make ppo RECIPES=recipes/lora VARIANT=-qlora  -> outputs/lora-qlora/{sft,rm,ppo}
+#   RECIPE=...            recipe for `make train`            (or name single stages: SFT_RECIPE / RM_RECIPE / PPO_RECIPE)
 #   ACCELERATE_CONFIG=... launch through `accelerate launch --config_file ...` (e.g. accelerate_configs/zero3.yaml)
 #   NUM_PROCESSES=N       processes for accelerate launch    ARGS="k.sub=v ..."  recipe overrides
 # With no virtualenv active, everything runs in a project-local .venv created on first use. On a machine without
@@ -7,9 +10,11 @@
 # already installed in your active env) your torch is kept.
 
 SHELL := /bin/bash
-SFT_RECIPE ?= recipes/sft.yaml
-RM_RECIPE ?= recipes/rm.yaml
-PPO_RECIPE ?= recipes/ppo.yaml
+RECIPES ?= recipes
+VARIANT ?=
+SFT_RECIPE ?= $(RECIPES)/sft$(VARIANT).yaml
+RM_RECIPE ?= $(RECIPES)/rm$(VARIANT).yaml
+PPO_RECIPE ?= $(RECIPES)/ppo$(VARIANT).yaml
 RECIPE ?= $(SFT_RECIPE)
 ACCELERATE_CONFIG ?=
 NUM_PROCESSES ?=
@@ -31,12 +36,19 @@ else
 LAUNCH := $(PY) -m accelerate.commands.launch --config_file $(ACCELERATE_CONFIG) $(if $(NUM_PROCESSES),--num_processes $(NUM_PROCESSES)) -m hfalign
 endif
 
+# recipes -> outputs/<stage>; recipes/NAME -> outputs/NAME$(VARIANT)/<stage> (tests/test_recipes.py holds every
+# shipped recipe directory to this)
+DIR := $(patsubst %/,%,$(RECIPES))
+OUT := $(if $(filter recipes,$(DIR)),outputs,outputs/$(notdir $(DIR))$(VARIANT))
+SFT_DONE := $(OUT)/sft/hfalign_done.json
+RM_DONE := $(OUT)/rm/hfalign_done.json
+PPO_DONE := $(OUT)/ppo/hfalign_done.json
 TINY := models/tiny-llama/config.json
-SFT_DONE := outputs/sft/hfalign_done.json
-RM_DONE := outputs/rm/hfalign_done.json
-PPO_DONE := outputs/ppo/hfalign_done.json
+TINY_BASE := models/tiny-llama-base/config.json
+# the local model a recipe directory starts from (family templates name hub models: nothing to build)
+BASE := $(if $(filter recipes,$(DIR)),$(TINY),$(if $(filter recipes/lora,$(DIR)),$(TINY_BASE)))
 
-.PHONY: install tiny data sft rm ppo train validate test lint clean
+.PHONY: install tiny tiny-base data sft rm ppo train validate test lint clean
 
 install: $(STAMP)
 
@@ -52,11 +64,15 @@ tiny: $(TINY)
 $(TINY): | $(STAMP)
 	$(PY) -m hfalign build-tiny models/tiny-llama
 
+tiny-base: $(TINY_BASE)
+$(TINY_BASE): | $(STAMP)
+	$(PY) -m hfalign build-tiny models/tiny-llama-base --pretrain 300
+
 data: | $(STAMP)
 	$(PY) -m hfalign make-data data
 
 sft: $(SFT_DONE)
-$(SFT_DONE): $(SFT_RECIPE) | $(TINY)
+$(SFT_DONE): $(SFT_RECIPE) | $(STAMP) $(BASE)
 	$(LAUNCH) $(SFT_RECIPE) $(ARGS)
 
 rm: $(RM_DONE)
@@ -80,4 +96,4 @@ lint: | $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
 
 clean:
-	rm -rf outputs models/tiny-llama
+	rm -rf outputs models/tiny-llama models/tiny-llama-base

@@ -23,6 +23,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """The pretrained tiny base of recipes/lora (`make tiny-base`: 300 steps of plain language modelling, ~8 s)."""
+    from hfalign.demo.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("models") / "tiny-llama-base", pretrain_steps=300)
+
+
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     return ROOT / "data"
 

@@ -102,3 +102,35 @@ def test_qlora_4bit_nf4_trains_adapter(tiny_model):
         opt.zero_grad()
     changed = [n for n, p in model.named_parameters() if n in trainable and not torch.equal(p, trainable[n])]
     assert changed, "no LoRA parameter changed"
+
+
+def test_qlora_gradients_are_the_same_after_an_inference_forward(tiny_model):
+    """bitsandbytes repacks a 4-bit weight for inference on an AVX512-BF16 CPU at the first eval-mode no-grad forward
+    (PPO's generation) and then multiplies with a kernel that has no autograd: LoRA gradients below it came out wrong
+    (QLoRA PPO ran to KL 15). prepare_quantized keeps the training layout. On a CPU without AVX512-BF16 the repack
+    never happens and this passes either way."""
+    from peft import get_peft_model
+
+    m = ModelSection(name_or_path=str(tiny_model))
+    q = QuantizationSection(load_in_4bit=True, compute_dtype="float32")
+    tok = models.load_tokenizer(m)
+    ids = tok(["the plot was great. the music felt long."], return_tensors="pt").input_ids
+
+    def first_layer_grads(inference_first: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = models.prepare_quantized(models.load_causal_lm(m, q, tok))
+        model = get_peft_model(model, models.lora_config(LoraSection(enabled=True, r=4, dropout=0.0), model, "CAUSAL_LM"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.1)  # B = 0 would hide the input gradient LoRA layers pass down
+        if inference_first:
+            model.eval()
+            with torch.no_grad():
+                model(ids)
+            model.train()
+        model(ids, labels=ids).loss.backward()
+        return model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.grad
+
+    plain, after_inference = first_layer_grads(False), first_layer_grads(True)
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(after_inference, plain, rtol=1e-5, atol=1e-6)

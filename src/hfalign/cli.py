@@ -4,8 +4,9 @@
     hfalign validate RECIPE [overrides]          every check, no model loaded; exit 2 on a mistake
     hfalign show RECIPE [overrides]              print the resolved recipe
     hfalign schema                               every recipe key with its type, default and meaning
-    hfalign build-tiny [DIR] [--task T] [--family F]  build a demo task's tiny model (default: models/tiny-llama;
-                                                   F: llama (default), llama2, llama3, glm, glm4)
+    hfalign build-tiny [DIR] [--task T] [--family F] [--pretrain N]  build a demo task's tiny model (default:
+                                                 models/tiny-llama; F: llama (default), llama2, llama3, glm, glm4;
+                                                 N steps of pretraining on the task's text: a base for LoRA)
     hfalign make-data [DIR] [--task T]           write a demo task's data files (default: the embedded default, data/)
 
 User mistakes print one line `hfalign: error: ...` and exit 2; there is no traceback for them.
@@ -44,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "build-tiny":
             s.add_argument("--family", default="llama", choices=list(TINY_FAMILIES),
                            help="what the model imitates: config class, special tokens, chat template")
+            s.add_argument("--pretrain", type=int, default=0, metavar="N",
+                           help="pretrain N steps on the task's text (a pretrained base, as LoRA expects)")
     return p
 
 
@@ -68,7 +71,8 @@ def _run(argv: list[str]) -> int:
     if args.command == "build-tiny":
         from hfalign.demo.tiny import build_tiny
 
-        print(f"built {build_tiny(args.dir, seed=args.seed, task=args.task, family=args.family)}")
+        out = build_tiny(args.dir, seed=args.seed, task=args.task, family=args.family, pretrain_steps=args.pretrain)
+        print(f"built {out}")
         return 0
     if args.command == "make-data":
         from hfalign.demo import write_data

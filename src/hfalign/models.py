@@ -214,7 +214,30 @@ def prepare_quantized(model, activation_checkpointing: bool = False):
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing)
+        # bitsandbytes on an AVX512-BF16 CPU repacks a 4-bit weight for inference on its first eval-mode, no-grad
+        # forward (PPO's generation, an eval loop) and from then on multiplies with a kernel that has no autograd:
+        # gradients to every LoRA layer below it come out wrong, silently (one warning). Measured here: QLoRA PPO
+        # went to KL 15 and 0.18 well-formed. Keep the training layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     return model
+
+
+def undo_bf16_cast(trainer, q: QuantizationSection):
+    """TRL's SFT/Reward trainers cast every trainable parameter of a quantized model to bf16 (the QLoRA paper's
+    recipe), whatever the compute dtype. Without bf16 autocast, a plain module among them (the reward head, any
+    modules_to_save) then meets fp32 activations: 'expected m1 and m2 to have the same dtype'. Unless the run is
+    bf16, put them back in the compute dtype the recipe asked for."""
+    import torch
+
+    if not q.enabled or trainer.args.bf16:
+        return trainer
+    dtype = getattr(torch, q.compute_dtype)
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.dtype == torch.bfloat16 != dtype:
+            param.data = param.data.to(dtype)
+    return trainer
 
 
 def apply_adapter(model, path: str, trainable: bool):

@@ -58,11 +58,13 @@ def preference_splits(rng, titles: dict, prompt_for, completion, pair, broken, k
             "ppo_eval_prompts": [{"prompt": prompt_for(t)} for t in held]}
 
 
-def corpus_of(data: dict[str, list[dict]]) -> list[str]:
+def corpus_of(data: dict[str, list[dict]], joined: bool = True) -> list[str]:
     """Tokenizer text for a task from its generated files: every prompt, held-out ones included (a held-out word
-    the tokenizer never saw would reach the model as letters it never trained on), and every answer."""
-    return ([r["prompt"] for r in data["ppo_prompts"] + data["ppo_eval_prompts"]]
-            + [r["prompt"] + r["completion"] for r in data["sft_train"]] + [r["rejected"] for r in data["rm_train"]])
+    the tokenizer never saw would reach the model as letters it never trained on), and every answer. joined=False
+    keeps answers apart from their prompts: pretraining documents (tiny.pretrain) that do not teach the task."""
+    prompts = [r["prompt"] for r in data["ppo_prompts"] + data["ppo_eval_prompts"]]
+    answers = [(r["prompt"] if joined else "") + r["completion"] for r in data["sft_train"]]
+    return prompts + answers + [r["rejected"] for r in data["rm_train"]]
 
 
 def write_data(name: str, out_dir: str | Path, seed: int = 0) -> list[Path]:

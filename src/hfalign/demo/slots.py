@@ -69,3 +69,10 @@ def corpus(seed: int = 0) -> list[str]:
     from hfalign.demo import corpus_of
 
     return corpus_of(generate(seed))
+
+
+def documents(seed: int = 0) -> list[str]:
+    """Pretraining text (hfalign.demo.tiny.pretrain): prompts and answers as separate documents."""
+    from hfalign.demo import corpus_of
+
+    return corpus_of(generate(seed), joined=False)

@@ -109,3 +109,6 @@ def corpus(seed: int = 0) -> list[str]:
     texts = [prompt_for(t) for t in titles("train") + titles("eval")]
     texts += [review(rng) for _ in range(3000)] + [broken(rng) for _ in range(300)]
     return texts
+
+
+documents = corpus  # pretraining text: prompts and reviews are already separate documents

@@ -13,6 +13,11 @@ from a fixed seed; `hfalign build-tiny DIR` writes both in HF format. `--family`
 
 The family facts hfalign acts on (stop tokens, LoRA targets, ...) are in hfalign.models.FAMILIES; these only make
 checkpoints that look like the real ones, for tests.
+
+`--pretrain N` then trains the model for N steps as a plain language model on the task's text (prompts and answers
+as separate documents, never a prompt followed by its answer): a *pretrained* base, as real users start from. It knows
+the words and sentences but not the task, so a LoRA adapter has something to adapt (a randomly initialised base gave
+QLoRA SFT an eval loss of 5.42 against full SFT's 1.24).
 """
 
 from __future__ import annotations
@@ -87,8 +92,33 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0, task: str = "reviews",
     return fast
 
 
+def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int = 0, batch: int = 32, lr: float = 3e-3) -> float:
+    """Causal-LM training on shuffled documents (each text + EOS, right-padded); returns the last step's loss."""
+    import random
+
+    import torch
+
+    rng, side = random.Random(seed), tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20) * (1 - step / steps))
+    model.train()
+    for _ in range(steps):
+        docs = [t + tokenizer.eos_token for t in rng.sample(texts, batch)]
+        enc = tokenizer(docs, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        loss = model(**enc, labels=enc.input_ids.masked_fill(enc.attention_mask == 0, -100)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    model.eval()
+    tokenizer.padding_side = side
+    return loss.item()
+
+
 def build_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, vocab_size: int = 512, task: str = "reviews",
-               family: str = "llama") -> Path:
+               family: str = "llama", pretrain_steps: int = 0) -> Path:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -107,6 +137,10 @@ def build_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, vocab_siz
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
                                                eos_token_id=config.eos_token_id)
+    if pretrain_steps:
+        from hfalign.demo import get_task
+
+        pretrain(model, tokenizer, get_task(task).documents(seed), pretrain_steps, seed)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -31,5 +31,6 @@ def trainer(recipe: Recipe, args, tokenizer, train_set, eval_set, callbacks):
         model = models.apply_adapter(model, recipe.model.adapter, trainable=False)
     model = models.prepare_quantized(model, args.activation_checkpointing)
     peft_config = models.lora_config(recipe.lora, model, "SEQ_CLS")
-    return RewardTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                            processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    return models.undo_bf16_cast(trainer, recipe.quantization)

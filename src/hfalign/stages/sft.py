@@ -33,5 +33,6 @@ def trainer(recipe: Recipe, args, tokenizer, train_set, eval_set, callbacks):
         model = models.apply_adapter(model, recipe.model.adapter, trainable=True)
     else:
         peft_config = models.lora_config(recipe.lora, model, "CAUSAL_LM")
-    return SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    return models.undo_bf16_cast(trainer, recipe.quantization)
