@@ -99,3 +99,21 @@ def test_conversational_prompts_carry_one_bos(family_models, tmp_path, family):
     ids = trainer.prompts[0]
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert tok.decode(ids, skip_special_tokens=False).startswith(EXPECTED[family][2])
+
+
+@pytest.mark.parametrize("family", list(EXPECTED))
+def test_a_final_assistant_turn_ends_with_eos(family_models, family):
+    """GLM's template writes nothing after an answer (the model goes on with <|user|>), and TRL adds no EOS to
+    conversations: SFT on single-turn data would never learn to stop. hfalign closes such a turn with EOS; templates
+    that close it themselves (LLaMA-2 </s>, LLaMA-3 <|eot_id|>) and generation prompts render as shipped."""
+    from transformers import AutoTokenizer
+
+    path = family_models[family]
+    raw, tok = AutoTokenizer.from_pretrained(path), models.load_tokenizer(ModelSection(name_or_path=str(path)))
+    conv = [{"role": "user", "content": "Write a review of the red door."}, {"role": "assistant", "content": "great."}]
+    ids = tok.apply_chat_template(conv, tokenize=True, return_dict=False)
+    assert ids[-1] == tok.eos_token_id != ids[-2]  # one EOS, not two
+    shipped = raw.apply_chat_template(conv, tokenize=False)
+    assert tok.apply_chat_template(conv, tokenize=False) == (shipped if family.startswith("llama") else shipped + raw.eos_token)
+    prompt = dict(tokenize=False, add_generation_prompt=True)
+    assert tok.apply_chat_template(conv[:1], **prompt) == raw.apply_chat_template(conv[:1], **prompt)

@@ -115,6 +115,7 @@ def test_function_reward(pipeline, tmp_path):
     assert code == 0, err[-3000:]
     rows = read_jsonl(out / "samples.jsonl")
     assert rows and all(r["score"] == pytest.approx(objective(r["completion"]), abs=1e-6) for r in rows)
+    assert {r["ended_with"] for r in rows} <= {"</s>", None}  # the stop token the response ended on, or cut
     critic = load_file(str(out / "value" / "model.safetensors"))  # no RM to start from: critic = SFT + new head
     assert "score.weight" in critic
 

@@ -70,3 +70,99 @@ def test_lora_recipes_learn(variant, tiny_base, tmp_path):
     assert after["well_formed"] >= 0.95 and after["kl"] < 5
     resolved = yaml.safe_load((out["ppo"] / "recipe.resolved.yaml").read_text())
     assert resolved["quantization"]["load_in_4bit"] is bool(variant)
+
+
+# --- the family templates, end to end on tiny models of each family ------------------------------------------------
+
+# template directory: (tiny family it runs on, the tokens its PPO responses may end with)
+FAMILY_TEMPLATES = {
+    "llama2": ("llama2", {"</s>"}),
+    "llama3": ("llama3", {"<|eot_id|>", "<|end_of_text|>"}),
+    "glm4": ("glm", {"<|endoftext|>", "<|user|>", "<|observation|>"}),
+    # a converted ChatGLM3 is a native glm checkpoint (hfalign convert chatglm; tests/test_convert.py)
+    "chatglm3": ("glm", {"<|endoftext|>", "<|user|>", "<|observation|>"}),
+}
+
+
+def test_family_templates_validate_offline():
+    """As shipped, a family's first stage validates with no network (hub ids are not fetched by validate); the
+    later stages and the converted ChatGLM3 need their local inputs first, and say which."""
+    from helpers import cli
+
+    for name in ("llama2", "llama3", "glm4"):
+        for variant in ("", "-qlora"):
+            code, _, err = cli("validate", str(ROOT / f"recipes/{name}/sft{variant}.yaml"))
+            assert code == 0, err
+    code, _, err = cli("validate", str(ROOT / "recipes/llama3/ppo.yaml"))
+    assert code == 2 and "'model.adapter' is './outputs/llama3/sft'" in err and "make sft RECIPES=" in err
+    code, _, err = cli("validate", str(ROOT / "recipes/chatglm3/sft.yaml"))
+    assert code == 2 and "./models/chatglm3-6b" in err and "hfalign convert chatglm" in err
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory) -> dict:
+    """The embedded default's rows as conversations (what the templates' hub datasets hold): SFT `messages`,
+    preference pairs as chosen/rejected conversations sharing the user's turn, PPO prompts as a user turn."""
+    root = tmp_path_factory.mktemp("chat_data")
+
+    def turn(role, text):
+        return [{"role": role, "content": text.strip()}]
+
+    def write(name, rows):
+        path = root / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return path
+
+    sft = read_jsonl(ROOT / "data/sft_train.jsonl")[:256]
+    rm = read_jsonl(ROOT / "data/rm_train.jsonl")[:256]
+    ppo = read_jsonl(ROOT / "data/ppo_prompts.jsonl")
+    return {
+        "sft": write("sft", [{"messages": turn("user", r["prompt"]) + turn("assistant", r["completion"])} for r in sft]),
+        "rm": write("rm", [{"chosen": turn("user", r["prompt"]) + turn("assistant", r["chosen"]),
+                            "rejected": turn("user", r["prompt"]) + turn("assistant", r["rejected"])} for r in rm]),
+        "ppo": write("ppo", [{"prompt": turn("user", r["prompt"])} for r in ppo]),
+    }
+
+
+@pytest.fixture(scope="module")
+def family_bases(tmp_path_factory) -> dict:
+    """Pretrained tiny bases of each family: their EOS ends every pretraining document, as real checkpoints stop."""
+    from hfalign.demo.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("family_bases")
+    return {f: build_tiny(root / f, family=f, pretrain_steps=300) for f in sorted({v[0] for v in FAMILY_TEMPLATES.values()})}
+
+
+@pytest.mark.parametrize("variant", ["", "-qlora"])
+@pytest.mark.parametrize("name", list(FAMILY_TEMPLATES))
+def test_family_template_runs_end_to_end(name, variant, family_bases, chat_data, tmp_path):
+    """recipes/<family>/{sft,rm,ppo}<variant>.yaml as shipped (LoRA or QLoRA, bf16, activation checkpointing, the
+    family's pad and stop tokens) with only the model, the data and the size of the run overridden."""
+    family, stops = FAMILY_TEMPLATES[name]
+    out = {stage: tmp_path / stage for stage in ("sft", "rm", "ppo")}
+    model = [f"model.name_or_path={family_bases[family]}"]
+    small = ["train.max_steps=30", "train.per_device_train_batch_size=8", "train.gradient_accumulation_steps=1",
+             "train.max_length=96", "train.eval_steps=30", "train.save_steps=30", "train.logging_steps=10"]
+    code, _, err = train_shipped(f"{name}/sft{variant}.yaml", f"output_dir={out['sft']}", *model,
+                                 f"data.train={chat_data['sft']}", "data.eval_fraction=0.05", *small,
+                                 "train.learning_rate=1e-2")
+    assert code == 0, err[-3000:]
+    model.append(f"model.adapter={out['sft']}")
+    code, _, err = train_shipped(f"{name}/rm{variant}.yaml", f"output_dir={out['rm']}", *model,
+                                 f"data.train={chat_data['rm']}", f"data.eval={chat_data['rm']}", *small,
+                                 "train.max_steps=10", "train.eval_steps=10", "train.save_steps=10")
+    assert code == 0, err[-3000:]
+    code, _, err = train_shipped(f"{name}/ppo{variant}.yaml", f"output_dir={out['ppo']}", *model,
+                                 f"reward.model={out['rm']}", f"data.train={chat_data['ppo']}",
+                                 f"data.eval={chat_data['ppo']}", "train.total_episodes=32",
+                                 "train.per_device_train_batch_size=8", "train.gradient_accumulation_steps=1",
+                                 "train.response_length=24", "train.num_eval_prompts=8", "train.save_steps=2",
+                                 )
+    assert code == 0, err[-3000:]
+    resolved = yaml.safe_load((out["ppo"] / "recipe.resolved.yaml").read_text())
+    assert resolved["lora"]["enabled"] and resolved["train"]["bf16"] and resolved["train"]["activation_checkpointing"]
+    assert resolved["quantization"]["load_in_4bit"] is bool(variant)
+    # responses end at the family's end-of-turn tokens (the score is read there), or are cut at response_length
+    ended = [r["ended_with"] for r in read_jsonl(out["ppo"] / "samples.jsonl")]
+    assert ended and set(ended) <= stops | {None}, ended
+    assert any(e is not None for e in ended), "no response stopped: the SFT did not learn the family's end of turn"

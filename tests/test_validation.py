@@ -134,12 +134,15 @@ def test_bad_data_rows_found_by_validate(write_recipe, sft_recipe, tmp_path):
     assert_user_error(*cli("validate", str(write_recipe(sft_recipe))), str(bad), "line 2", "'completion' is empty")
 
 
-def test_remote_code_must_be_asked_for(write_recipe, sft_recipe, tmp_path):
+def test_chatglm_checkpoint_names_the_convert_path(write_recipe, sft_recipe, tmp_path):
     fake = tmp_path / "chatglm3"
     fake.mkdir()
     (fake / "config.json").write_text(json.dumps({"model_type": "chatglm", "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig"}}))
     sft_recipe["model"]["name_or_path"] = str(fake)
-    assert_user_error(*cli("validate", str(write_recipe(sft_recipe))), "needs its own Python code", "trust_remote_code: true")
+    assert_user_error(*cli("validate", str(write_recipe(sft_recipe))), "ChatGLM2/3 checkpoint", "transformers 5",
+                      f"hfalign convert chatglm {fake}", "trust_remote_code: true")
+    sft_recipe["model"]["name_or_path"] = "THUDM/chatglm3-6b"  # a hub id says so before anything downloads
+    assert_user_error(*cli("validate", str(write_recipe(sft_recipe))), "hfalign convert chatglm THUDM/chatglm3-6b")
 
 
 def test_real_process_exits_2_without_traceback(write_recipe, sft_recipe):

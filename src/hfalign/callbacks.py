@@ -111,7 +111,8 @@ class CollapseGuardCallback(Guard):
 
 
 class SampleTableCallback(TrainerCallback):
-    """PPO: every `every` updates, append `rows` (update, prompt, completion, score) rows to <output_dir>/samples.jsonl."""
+    """PPO: every `every` updates, append `rows` (update, prompt, completion, score, ended_with: the stop token that
+    ended the response, null when cut at response_length) rows to <output_dir>/samples.jsonl."""
 
     def __init__(self, output_dir: str, every: int = 10, rows: int = 8):
         self.path, self.every, self.rows = Path(output_dir) / "samples.jsonl", every, rows
@@ -121,7 +122,8 @@ class SampleTableCallback(TrainerCallback):
         if not state.is_world_process_zero or not samples or (update % self.every and update != 1):
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps({"update": update, "prompt": prompt, "completion": completion, "score": score}) + "\n" for prompt, completion, score in list(zip(samples["prompt"], samples["completion"], samples["score"]))[: self.rows])
+            for i in range(min(self.rows, len(samples["prompt"]))):
+                f.write(json.dumps({"update": update, **{key: values[i] for key, values in samples.items()}}) + "\n")
 
 
 def make_metrics(recipe, console: bool = True, keys: list[str] | None = None):

@@ -8,6 +8,7 @@
                                                  models/tiny-llama; F: llama (default), llama2, llama3, glm, glm4;
                                                  N steps of pretraining on the task's text: a base for LoRA)
     hfalign make-data [DIR] [--task T]           write a demo task's data files (default: the embedded default, data/)
+    hfalign convert chatglm SRC OUT              a ChatGLM2/3 checkpoint (dir or hub id) as transformers' native GLM
 
 User mistakes print one line `hfalign: error: ...` and exit 2; there is no traceback for them.
 """
@@ -22,7 +23,7 @@ import yaml
 
 from hfalign.errors import UserError
 
-COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data")
+COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data", "convert")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
                            help="what the model imitates: config class, special tokens, chat template")
             s.add_argument("--pretrain", type=int, default=0, metavar="N",
                            help="pretrain N steps on the task's text (a pretrained base, as LoRA expects)")
+    s = sub.add_parser("convert", help="convert a checkpoint to a native transformers architecture")
+    s.add_argument("kind", choices=["chatglm"], help="chatglm: ChatGLM2/ChatGLM3 (remote code) -> native GLM")
+    s.add_argument("src", help="checkpoint directory or hub id")
+    s.add_argument("out", help="output directory (must not hold a model)")
     return p
 
 
@@ -73,6 +78,11 @@ def _run(argv: list[str]) -> int:
 
         out = build_tiny(args.dir, seed=args.seed, task=args.task, family=args.family, pretrain_steps=args.pretrain)
         print(f"built {out}")
+        return 0
+    if args.command == "convert":
+        from hfalign.convert import convert_chatglm
+
+        print(f"converted {args.src} -> {convert_chatglm(args.src, args.out)} (transformers' native glm)")
         return 0
     if args.command == "make-data":
         from hfalign.demo import write_data

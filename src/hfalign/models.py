@@ -33,8 +33,10 @@ class Family:
 FAMILIES = {
     "llama": Family(stop_tokens=("<|eot_id|>",),  # LLaMA-3 chat ends a turn with <|eot_id|>, not <|end_of_text|>
                     chat_template="the tokenizer's own; LLaMA-2/3 ship no pad token (a distinct one is added)"),
-    "glm": Family(stop_tokens=("<|user|>", "<|observation|>"), chat_template="the tokenizer's own ([gMASK]<sop> prefix)"),
-    "glm4": Family(stop_tokens=("<|user|>", "<|observation|>"), chat_template="the tokenizer's own ([gMASK]<sop> prefix)"),
+    "glm": Family(stop_tokens=("<|user|>", "<|observation|>"),
+                  chat_template="the tokenizer's own ([gMASK]<sop> prefix); EOS closes a final assistant turn"),
+    "glm4": Family(stop_tokens=("<|user|>", "<|observation|>"),
+                   chat_template="the tokenizer's own ([gMASK]<sop> prefix); EOS closes a final assistant turn"),
     # ChatGLM2/3 (remote code): q/k/v fused into query_key_value; the LM head is `output_layer`, which "all-linear"
     # would not recognise as a head (PEFT excludes only lm_head-like names), so the targets are named. Its
     # transformer returns [seq, batch, hidden] and its tokenizer pads on the left only (trlx#474).
@@ -79,9 +81,17 @@ def check_model(m: ModelSection, where: str = "model") -> None:
         raise UserError(f"'{where}.name_or_path' ({m.name_or_path}) has no config.json, so it is not a model directory{hint}.",
                         fix="point it at a directory written by save_pretrained, or a hub id")
     cfg = _local_config(m.name_or_path)
+    model_type = (cfg or {}).get("model_type") or ("chatglm" if "chatglm" in m.name_or_path.lower() else None)
+    if model_type == "chatglm" and not m.trust_remote_code:
+        raise UserError(
+            f"'{where}.name_or_path' ({m.name_or_path}) is a ChatGLM2/3 checkpoint: its own code was written for "
+            "transformers 4 and cannot generate on transformers 5.",
+            fix=f"convert it once to transformers' native GLM: `hfalign convert chatglm {m.name_or_path} "
+                "models/chatglm3-6b`, and set name_or_path to that directory (recipes/chatglm3 does); or, if your copy's "
+                f"code runs on transformers 5, set {where}.trust_remote_code: true",
+        )
     if cfg is None:
         return
-    model_type = cfg.get("model_type")
     if "auto_map" in cfg and model_type not in CONFIG_MAPPING and not m.trust_remote_code:
         raise UserError(
             f"'{where}.name_or_path' ({m.name_or_path}) is a '{model_type}' checkpoint that needs its own Python code.",
@@ -129,6 +139,7 @@ def load_tokenizer(m: ModelSection):
                 tok.chat_template = f.read()
         else:
             tok.chat_template = m.chat_template
+    close_assistant_turn(tok)
     if m.pad_token:
         if m.pad_token not in tok.get_vocab():
             tok.add_special_tokens({"pad_token": m.pad_token})
@@ -142,6 +153,26 @@ def load_tokenizer(m: ModelSection):
     if tok.pad_token_id == tok.eos_token_id:
         raise UserError(f"'model.pad_token' equals the EOS token {tok.eos_token!r}.", fix="choose a pad token distinct from EOS")
     return tok
+
+
+def close_assistant_turn(tok) -> bool:
+    """A chat template that writes nothing after an assistant's answer (GLM-4, ChatGLM3: the model goes on with
+    <|user|>) never shows a model trained on single-turn conversations where to stop: TRL adds EOS to plain text only,
+    not to conversations. Such a template gets EOS after a conversation that ends with the assistant (what GLM's own
+    fine-tuning scripts append), so SFT learns to stop and the reward model scores at that token, where PPO reads it.
+    Generation prompts (add_generation_prompt) render as before. Returns whether the template was changed."""
+    if not tok.chat_template or not isinstance(tok.chat_template, str) or tok.eos_token is None:
+        return False
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                                       tokenize=False)
+    except Exception:  # a template that cannot render this probe (tools, system-only): leave it alone
+        return False
+    if not text.rstrip().endswith("y"):
+        return False
+    tok.chat_template += ("{% if messages and messages[-1]['role'] == 'assistant' and not add_generation_prompt %}"
+                          "{{ eos_token }}{% endif %}")
+    return True
 
 
 def from_pretrained_kwargs(m: ModelSection, q: QuantizationSection) -> dict:

@@ -66,8 +66,9 @@ class ModelSection:
                 if not os.path.isdir(os.path.expanduser(value)):
                     raise UserError(
                         f"'{where}.{key}' is {value!r}, which is not an existing directory.",
-                        fix="point it at a model directory; for the embedded default run `make tiny` "
-                        "(or `hfalign build-tiny models/tiny-llama`) and train earlier stages first (`make sft`)",
+                        fix="point it at an existing directory: those under ./models are built once (`make tiny`, "
+                        "`make tiny-base`, `hfalign convert chatglm SRC DIR`), those under ./outputs by the earlier "
+                        "stage (`make sft`, or `make sft RECIPES=recipes/<dir>`)",
                     )
             elif key == "adapter" or not HUB_ID.match(value):
                 raise UserError(

@@ -6,7 +6,7 @@ from a fixed seed; `hfalign build-tiny DIR` writes both in HF format. `--family`
     llama    the embedded default: LlamaConfig, <s> </s>, a pad distinct from EOS, a plain chat template
     llama2   LLaMA-2 chat: <s> added by the tokenizer, [INST] ... [/INST] template, no pad token (as shipped)
     llama3   LLaMA-3 instruct: <|begin_of_text|>, turns end with <|eot_id|> (the tokenizer's EOS), generation stops
-             at <|end_of_text|> or <|eot_id|>, no pad token (as shipped)
+             at <|end_of_text|> or <|eot_id|>, no pad token (as shipped; a reserved special token serves as one)
     glm      transformers' native GLM (GlmConfig): [gMASK]<sop> prefix, <|user|> / <|assistant|> turns,
     glm4     GLM-4 (Glm4Config): EOS <|endoftext|> which is also the pad (as shipped); generation stops at
              <|endoftext|>, <|user|> or <|observation|>
@@ -53,7 +53,7 @@ TINY_FAMILIES = {
     "llama2": dict(config="LlamaConfig", specials=["<unk>", "<s>", "</s>"], bos="<s>", eos="</s>", pad=None,
                    unk="<unk>", template=LLAMA2_TEMPLATE, add_bos=True, stop=["</s>"]),
     "llama3": dict(config="LlamaConfig", specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                                                   "<|end_header_id|>", "<|eot_id|>"],
+                                                   "<|end_header_id|>", "<|eot_id|>", "<|reserved_special_token_0|>"],
                    bos="<|begin_of_text|>", eos="<|eot_id|>", pad=None, unk=None, template=LLAMA3_TEMPLATE,
                    add_bos=True, stop=["<|end_of_text|>", "<|eot_id|>"]),
     "glm": dict(config="GlmConfig", specials=_GLM_TOKENS, bos=None, eos="<|endoftext|>", pad="<|endoftext|>",
@@ -98,8 +98,8 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int = 0, batc
 
     import torch
 
-    rng, side = random.Random(seed), tokenizer.padding_side
-    tokenizer.padding_side = "right"
+    rng, side, pad = random.Random(seed), tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side, tokenizer.pad_token = "right", pad or tokenizer.eos_token  # pads are masked out
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20) * (1 - step / steps))
     model.train()
@@ -113,7 +113,7 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int = 0, batc
         schedule.step()
         optimizer.zero_grad()
     model.eval()
-    tokenizer.padding_side = side
+    tokenizer.padding_side, tokenizer.pad_token = side, pad  # saved as the family ships it (LLaMA: no pad)
     return loss.item()
 
 

@@ -305,9 +305,12 @@ class PPOTrainer(Trainer):
         listeners = [cb for cb in self.callback_handler.callbacks if hasattr(cb, "on_rollout")]
         if not listeners:
             return
+        ends = r.responses.gather(1, r.last[:, None])[:, 0].tolist()
         samples = {"prompt": self.tokenizer.batch_decode(r.queries, skip_special_tokens=True),
                    "completion": self.tokenizer.batch_decode(r.responses, skip_special_tokens=True),
-                   "score": scores.tolist()}
+                   "score": scores.tolist(),  # read at the response's last token: the stop token where it has one
+                   "ended_with": [self.tokenizer.convert_ids_to_tokens(t) if eos else None  # None: cut at the length
+                                  for t, eos in zip(ends, r.has_eos.tolist())]}
         for cb in listeners:
             cb.on_rollout(self.args, self.state, self.control, samples=samples)
 
