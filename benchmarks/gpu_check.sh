@@ -4,12 +4,14 @@
 #                                        (pip install --no-deps --target .trl112 trl==1.12.0)
 #   bash benchmarks/gpu_check.sh qlora   carry .whl and .bnb (bitsandbytes; 61 MiB together): QLoRA, the 152k-vocab
 #                                        memory case, then hfalign alone on the 0.7B benchmark
+#   bash benchmarks/gpu_check.sh lora    carry .whl and .bnb: recipes/lora and its -qlora variant (bf16 compute, CUDA
+#                                        4-bit kernels) end to end on the pretrained tiny base; does LoRA learn there?
 # One log per check under $OUT (at most 8 files come back).
 set -u
 OUT=${OUT:-/tmp/hfalign-gpu}; mkdir -p "$OUT"
 part=${1:-main}
 python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl
-[ "$part" = qlora ] && python3 -m pip install -q --no-index --no-deps --no-compile --target .site .bnb/*.whl
+[ "$part" != main ] && python3 -m pip install -q --no-index --no-deps --no-compile --target .site .bnb/*.whl
 export PYTHONPATH=$PWD/.site:$PWD/src DS_ACCELERATOR=cuda HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 [ -d models/tiny-llama ] || python3 -m hfalign build-tiny models/tiny-llama > "$OUT/0-build.log" 2>&1
 if [ "$part" = main ]; then
@@ -29,6 +31,15 @@ if [ "$part" = main ]; then
   timeout 120 python3 -m accelerate.commands.launch --config_file accelerate_configs/zero3.yaml --num_processes 1 \
     --mixed_precision bf16 -m hfalign recipes/ppo.yaml output_dir=/tmp/z3 train.total_episodes=128 \
     > "$OUT/5-zero3-bf16.log" 2>&1
+elif [ "$part" = lora ]; then
+  python3 -m hfalign build-tiny models/tiny-llama-base --pretrain 300 > "$OUT/0-build.log" 2>&1
+  for v in "" -qlora; do
+    gpu=""; [ "$v" = -qlora ] && gpu="quantization.compute_dtype=bfloat16 train.bf16=true"
+    for s in sft rm ppo; do
+      t=$SECONDS; timeout 150 python3 -m hfalign "recipes/lora/$s$v.yaml" $gpu >> "$OUT/7-lora$v.log" 2>&1
+      echo "== $s$v rc=$? $((SECONDS - t)) s" >> "$OUT/7-lora$v.log"
+    done
+  done
 else
   timeout 60 python3 benchmarks/ppo_memory.py --device cuda --baseline none --prompt-tokens 512 --new-tokens 512 \
     > "$OUT/3-memory-152k.log" 2>&1

@@ -55,6 +55,10 @@ def test_tiny_family_model_looks_like_the_real_one(family_models, family):
     assert raw.pad_token is None or raw.pad_token_id == raw.eos_token_id
     tok = models.load_tokenizer(ModelSection(name_or_path=str(path)))
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    # where the family's vocab has an unused token for it (LLaMA-3's reserved one), no token is added
+    assert (len(tok) == len(raw)) is (family in ("llama2", "llama3"))
+    if family == "llama3":
+        assert tok.pad_token == "<|reserved_special_token_0|>"
     # PPO stops at EOS and at the family's end-of-turn tokens (models.FAMILIES) that this tokenizer has
     ids = stop_token_ids(PPOConfig(output_dir="x", report_to="none"), tok, model)
     family_stops = [t for t in models.FAMILIES[model_type].stop_tokens if t in tok.get_vocab()]
@@ -117,3 +121,31 @@ def test_a_final_assistant_turn_ends_with_eos(family_models, family):
     assert tok.apply_chat_template(conv, tokenize=False) == (shipped if family.startswith("llama") else shipped + raw.eos_token)
     prompt = dict(tokenize=False, add_generation_prompt=True)
     assert tok.apply_chat_template(conv[:1], **prompt) == raw.apply_chat_template(conv[:1], **prompt)
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3"])
+def test_sft_and_rm_rows_carry_one_bos(family_models, tmp_path, family):
+    """The first two stages tokenize conversations through TRL: with the tokenizer hfalign loads, every SFT and RM
+    row starts with one BOS (the template writes it; the tokenizer must not add another)."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+
+    path = family_models[family]
+    tok = models.load_tokenizer(ModelSection(name_or_path=str(path)))
+    user = [{"role": "user", "content": "Write a review of the red door."}]
+
+    def said(text):
+        return [*user, {"role": "assistant", "content": text}]
+
+    common = dict(report_to="none", use_cpu=True, max_length=64)
+    sft = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(path), processing_class=tok,
+                     args=SFTConfig(output_dir=str(tmp_path / "sft"), **common),
+                     train_dataset=datasets.Dataset.from_list([{"messages": said("the plot was great.")}]))
+    rm = RewardTrainer(model=AutoModelForSequenceClassification.from_pretrained(path, num_labels=1), processing_class=tok,
+                       args=RewardConfig(output_dir=str(tmp_path / "rm"), **common),
+                       train_dataset=datasets.Dataset.from_list([{"chosen": said("great."), "rejected": said("dull.")}]))
+    rows = [sft.train_dataset[0]["input_ids"], rm.train_dataset[0]["chosen_ids"],
+            rm.train_dataset[0]["rejected_ids"]]
+    for ids in rows:
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1, tok.convert_ids_to_tokens(ids[:3])

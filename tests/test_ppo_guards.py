@@ -59,9 +59,13 @@ def test_rollback_restores_the_checkpoint_and_raises_the_kl_coefficient(pipeline
     for step in (2, 4):  # each rollback put back the weights of checkpoint-0 (the run's start)
         assert all(torch.equal(start[n], snaps.at[step][n]) for n in start), step
     out = capsys.readouterr().out
-    assert out.count("rolled back to") == 2 and "2 rollbacks already; stopping and saving" in out
+    assert out.count("rolled back to") == 3  # twice going on, once to end on the last good weights
+    assert "2 rollbacks already; stopping on" in out and "checkpoint-0 and saving" in out
     assert (tmp_path / "run" / "checkpoint-6" / "trainer_state.json").exists()
     assert guard.rollbacks == 2 and t.state.global_step == 6
+    # the run ends with checkpoint-0's weights, not update 6's that the guard judged broken
+    final = {n: p for n, p in t.model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(start[n], final[n]) for n in start)
 
 
 def test_rollback_can_lower_the_learning_rate(pipeline, tmp_path):

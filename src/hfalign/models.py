@@ -28,11 +28,15 @@ class Family:
     padding_side: Literal["left"] | None = None  # a constraint of the family's tokenizer, if it has one
     stop_tokens: tuple[str, ...] = ()  # end-of-turn tokens that end a response besides EOS, where the vocab has them
     chat_template: str = ""  # how the family's chat template is handled
+    pad_tokens: tuple[str, ...] = ()  # unused tokens of the shipped vocab to pad with when there is no pad (or pad ==
+    # EOS), tried before <unk> and before adding a token (a new token means a new embedding row, saved with adapters)
 
 
 FAMILIES = {
     "llama": Family(stop_tokens=("<|eot_id|>",),  # LLaMA-3 chat ends a turn with <|eot_id|>, not <|end_of_text|>
-                    chat_template="the tokenizer's own; LLaMA-2/3 ship no pad token (a distinct one is added)"),
+                    chat_template="the tokenizer's own; its BOS is not doubled on conversational prompts",
+                    # LLaMA-2/3 ship no pad: LLaMA-3.1's own pad, LLaMA-3's first reserved token; LLaMA-2 pads with <unk>
+                    pad_tokens=("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>")),
     "glm": Family(stop_tokens=("<|user|>", "<|observation|>"),
                   chat_template="the tokenizer's own ([gMASK]<sop> prefix); EOS closes a final assistant turn"),
     "glm4": Family(stop_tokens=("<|user|>", "<|observation|>"),
@@ -126,6 +130,19 @@ def check_adapter_base(adapter: str, base: str, where: str) -> None:
                         f"{base!r}.", fix="point model.name_or_path at the adapter's base model")
 
 
+def _model_type(m: ModelSection) -> str | None:
+    cfg = _local_config(m.name_or_path)
+    if cfg is not None:
+        return cfg.get("model_type")
+    from transformers import AutoConfig
+
+    try:  # a hub id: its config.json (small, cached with the rest of the checkpoint)
+        return AutoConfig.from_pretrained(m.name_or_path, revision=m.revision,
+                                          trust_remote_code=m.trust_remote_code).model_type
+    except (OSError, ValueError):
+        return None
+
+
 def load_tokenizer(m: ModelSection):
     from transformers import AutoTokenizer
 
@@ -146,7 +163,10 @@ def load_tokenizer(m: ModelSection):
         tok.pad_token = m.pad_token
     elif tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         # pad == eos would mask every real EOS out of the loss, and the model would never learn to stop.
-        if tok.unk_token is not None and tok.unk_token_id != tok.eos_token_id:
+        unused = [t for t in family(_model_type(m)).pad_tokens if t in tok.get_vocab()]
+        if unused:
+            tok.pad_token = unused[0]
+        elif tok.unk_token is not None and tok.unk_token_id != tok.eos_token_id:
             tok.pad_token = tok.unk_token
         else:
             tok.add_special_tokens({"pad_token": "<|pad|>"})

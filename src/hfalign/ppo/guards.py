@@ -48,8 +48,12 @@ def act(trainer, tripped: list[tuple]) -> None:
     guard = rollback[0]
     checkpoint = _newest_checkpoint(trainer)
     if guard.rollbacks >= guard.max_rollbacks or checkpoint is None:
+        # giving up: the run ends on the last checkpoint the guards let through, not on the weights just judged broken
         if trainer.is_world_process_zero():
-            print(f"hfalign: {guard.name}: {guard.rollbacks} rollbacks already; stopping and saving", flush=True)
+            print(f"hfalign: {guard.name}: {guard.rollbacks} rollbacks already; stopping on "
+                  f"{checkpoint or 'the current weights (no checkpoint)'} and saving", flush=True)
+        if checkpoint is not None:
+            restore(trainer, checkpoint)
         trainer.control.should_save = trainer.control.should_training_stop = True
         trainer._save_checkpoint(trainer.model, trial=None)
         return
