@@ -125,6 +125,9 @@ def _leave_distributed(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from hfalign.console import quiet
+
+    quiet()  # before any library import: their noise is printed at import time
     argv = sys.argv[1:] if argv is None else argv
     try:
         code = _run(argv)

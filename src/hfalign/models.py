@@ -237,11 +237,23 @@ def load_causal_lm(m: ModelSection, q: QuantizationSection, tok):
 def load_sequence_classifier(m: ModelSection, q: QuantizationSection, tok, path: str | None = None):
     """A scalar-head model (num_labels=1) for reward or value, from `path` or the recipe's base model."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     check_model(m)
-    with loading("model", path or m.name_or_path):
-        model = AutoModelForSequenceClassification.from_pretrained(path or m.name_or_path, num_labels=1,
-                                                                   **from_pretrained_kwargs(m, q))
+    source = path or m.name_or_path
+    # a causal LM (the SFT model) gets a new head and drops its LM head: expected, so transformers' load report of
+    # exactly that is not printed (any other checkpoint keeps it: there it may say something is wrong)
+    archs = (_local_config(source) or {}).get("architectures") or []
+    expected = bool(archs) and all(a.endswith("ForCausalLM") for a in archs)
+    level = hf_logging.get_verbosity()
+    if expected:
+        hf_logging.set_verbosity_error()
+    try:
+        with loading("model", source):
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1,
+                                                                       **from_pretrained_kwargs(m, q))
+    finally:
+        hf_logging.set_verbosity(level)
     _fit_tokenizer(model, tok)
     return model
 

@@ -1,0 +1,34 @@
+"""A quiet console (issue 10, item 6): a real `python -m hfalign` run prints hfalign's lines, not the libraries'
+import-time notices, progress bars and known deprecation chatter; a warning hfalign does not know stays."""
+
+from __future__ import annotations
+
+from helpers import PYTHON, ROOT, run
+
+NOISE = ("Writing model shards", "Loading weights", "gemm_4bit_forward", "pin_memory", "Setting accelerator to CPU",
+         "gradient_checkpointing` is deprecated", "Tokenizing train dataset")
+
+
+def test_a_run_prints_no_library_noise(tiny_model, tmp_path):
+    proc = run([PYTHON, "-m", "hfalign", "train", str(ROOT / "recipes/sft.yaml"), f"output_dir={tmp_path / 'sft'}",
+                f"model.name_or_path={tiny_model}", f"data.train={ROOT / 'data/sft_train.jsonl'}",
+                f"data.eval={ROOT / 'data/sft_eval.jsonl'}", "data.max_rows=64", "train.max_steps=4",
+                "train.logging_steps=2", "train.eval_strategy=steps", "train.eval_steps=4", "train.save_steps=4"])
+    console = proc.stdout + proc.stderr
+    assert "[step 4/4]" in console  # hfalign's own line per log
+    assert [n for n in NOISE if n in console] == []
+    # the reward model starts from that causal LM: a new head is expected, so no load report about it
+    proc = run([PYTHON, "-m", "hfalign", "train", str(ROOT / "recipes/rm.yaml"), f"output_dir={tmp_path / 'rm'}",
+                f"model.name_or_path={tmp_path / 'sft'}", f"data.train={ROOT / 'data/rm_train.jsonl'}",
+                f"data.eval={ROOT / 'data/rm_eval.jsonl'}", "data.max_rows=64", "train.max_steps=2",
+                "train.eval_strategy=no", "train.save_steps=2"])
+    console = proc.stdout + proc.stderr
+    assert "[step 2/2]" in console and "LOAD REPORT" not in console
+    assert [n for n in NOISE if n in console] == []
+
+
+def test_unknown_warnings_still_show():
+    code = ("import warnings; from hfalign.console import quiet; quiet(); "
+            "warnings.warn('a real problem'); warnings.warn(\"'pin_memory' argument is set as true but no accelerator is found\")")
+    proc = run([PYTHON, "-c", code])
+    assert "a real problem" in proc.stderr and "pin_memory" not in proc.stderr
