@@ -9,6 +9,7 @@
                                                  N steps of pretraining on the task's text: a base for LoRA)
     hfalign make-data [DIR] [--task T]           write a demo task's data files (default: the embedded default, data/)
     hfalign convert chatglm SRC OUT              a ChatGLM2/3 checkpoint (dir or hub id) as transformers' native GLM
+    hfalign plot RUN_DIR [RUN_DIR ...] [--out D] a run's curves and report.md again; several runs overlaid in D
 
 User mistakes print one line `hfalign: error: ...` and exit 2; there is no traceback for them.
 """
@@ -23,7 +24,7 @@ import yaml
 
 from hfalign.errors import UserError
 
-COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data", "convert")
+COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data", "convert", "plot")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="what the model imitates: config class, special tokens, chat template")
             s.add_argument("--pretrain", type=int, default=0, metavar="N",
                            help="pretrain N steps on the task's text (a pretrained base, as LoRA expects)")
+    s = sub.add_parser("plot", help="draw runs' curves (PNG) and, for one run, its report.md")
+    s.add_argument("runs", nargs="+", help="run directories (output_dir of finished or running runs)")
+    s.add_argument("--out", default="plots-compare", help="where several runs' overlaid plots go")
     s = sub.add_parser("convert", help="convert a checkpoint to a native transformers architecture")
     s.add_argument("kind", choices=["chatglm"], help="chatglm: ChatGLM2/ChatGLM3 (remote code) -> native GLM")
     s.add_argument("src", help="checkpoint directory or hub id")
@@ -78,6 +82,18 @@ def _run(argv: list[str]) -> int:
 
         out = build_tiny(args.dir, seed=args.seed, task=args.task, family=args.family, pretrain_steps=args.pretrain)
         print(f"built {out}")
+        return 0
+    if args.command == "plot":
+        from pathlib import Path
+
+        from hfalign import report
+
+        runs = [Path(r) for r in args.runs]
+        if len(runs) == 1:
+            print(f"wrote {report.write_report(runs[0])} and {runs[0] / 'plots'}")
+        else:
+            for path in report.plot(runs, Path(args.out)):
+                print(f"wrote {path}")
         return 0
     if args.command == "convert":
         from hfalign.convert import convert_chatglm

@@ -14,6 +14,8 @@ libraries inside functions, so importing this registry stays cheap.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hfalign.errors import UserError
 from hfalign.stages import ppo, rm, sft
 
@@ -58,7 +60,13 @@ def run(checked) -> dict:
     else:
         summary = trainer.evaluate() if eval_set is not None else {}
 
-    # 6. Save, then mark the run finished
+    # 6. Save, mark the run finished, then draw its curves and write its report (both can be drawn again later:
+    #    `hfalign plot RUN_DIR`)
     trainer.save_model(recipe.output_dir)
     rundir.finish(recipe, trainer.is_world_process_zero(), summary)
+    if trainer.is_world_process_zero():
+        from hfalign import report
+
+        print(f"hfalign: report {report.write_report(Path(recipe.output_dir))} (plots under "
+              f"{Path(recipe.output_dir) / 'plots'})", flush=True)
     return summary
