@@ -3,7 +3,8 @@
 #                         $(RECIPES)/sft$(VARIANT).yaml ... and write outputs/<dir>$(VARIANT)/<stage>, e.g.
 #                         make ppo RECIPES=recipes/lora VARIANT=-qlora  -> outputs/lora-qlora/{sft,rm,ppo}
 #   RECIPE=...            recipe for `make train`            (or name single stages: SFT_RECIPE / RM_RECIPE / PPO_RECIPE)
-#   ACCELERATE_CONFIG=... launch through `accelerate launch --config_file ...` (e.g. accelerate_configs/zero3.yaml)
+#   ACCELERATE_CONFIG=... launch through `hfalign launch --config_file ...` (checks, then accelerate launch; e.g.
+#                         accelerate_configs/zero3.yaml; without NUM_PROCESSES: every GPU it sees)
 #   NUM_PROCESSES=N       processes for accelerate launch    ARGS="k.sub=v ..."  recipe overrides
 # With no virtualenv active, everything runs in a project-local .venv created on first use. On a machine without
 # nvidia-smi it pins the CPU build of torch first, so no multi-GB CUDA build is pulled; with a GPU (or a torch
@@ -33,7 +34,7 @@ STAMP := $(VENV)/.hfalign-installed
 ifeq ($(strip $(ACCELERATE_CONFIG)),)
 LAUNCH := $(PY) -m hfalign
 else
-LAUNCH := $(PY) -m accelerate.commands.launch --config_file $(ACCELERATE_CONFIG) $(if $(NUM_PROCESSES),--num_processes $(NUM_PROCESSES)) -m hfalign
+LAUNCH := $(PY) -m hfalign launch --config_file $(ACCELERATE_CONFIG) $(if $(NUM_PROCESSES),--num_processes $(NUM_PROCESSES))
 endif
 
 # recipes -> outputs/<stage>; recipes/NAME -> outputs/NAME$(VARIANT)/<stage> (tests/test_recipes.py holds every

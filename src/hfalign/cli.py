@@ -10,6 +10,9 @@
     hfalign make-data [DIR] [--task T]           write a demo task's data files (default: the embedded default, data/)
     hfalign convert chatglm SRC OUT              a ChatGLM2/3 checkpoint (dir or hub id) as transformers' native GLM
     hfalign plot RUN_DIR [RUN_DIR ...] [--out D] a run's curves and report.md again; several runs overlaid in D
+    hfalign generate RUN_DIR "prompt" [...]      sample from an SFT or PPO run (chat template as it was trained)
+    hfalign launch [accelerate options] RECIPE [overrides]   check, then accelerate launch -m hfalign (exit 2 on a
+                                                 mistake, before any process starts)
 
 User mistakes print one line `hfalign: error: ...` and exit 2; there is no traceback for them.
 """
@@ -24,7 +27,7 @@ import yaml
 
 from hfalign.errors import UserError
 
-COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data", "convert", "plot")
+COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data", "convert", "plot", "generate", "launch")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plot", help="draw runs' curves (PNG) and, for one run, its report.md")
     s.add_argument("runs", nargs="+", help="run directories (output_dir of finished or running runs)")
     s.add_argument("--out", default="plots-compare", help="where several runs' overlaid plots go")
+    s = sub.add_parser("generate", help="sample from a trained SFT or PPO run")
+    s.add_argument("run")
+    s.add_argument("prompts", nargs="+")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's response_length, else 128")
+    s.add_argument("--temperature", type=float, default=None, help="default: the run's, else 0.7; 0 = greedy")
+    s.add_argument("--seed", type=int, default=0)
+    chat = s.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="apply the chat template")
+    chat.add_argument("--raw", dest="chat", action="store_false", help="the prompt as it is, no chat template")
     s = sub.add_parser("convert", help="convert a checkpoint to a native transformers architecture")
     s.add_argument("kind", choices=["chatglm"], help="chatglm: ChatGLM2/ChatGLM3 (remote code) -> native GLM")
     s.add_argument("src", help="checkpoint directory or hub id")
@@ -69,6 +81,10 @@ def validate(path: str, overrides: list[str]):
 def _run(argv: list[str]) -> int:
     if argv and argv[0] not in COMMANDS and (argv[0].endswith((".yaml", ".yml")) or os.path.isfile(argv[0])):
         argv = ["train", *argv]  # python -m hfalign RECIPE ... (what `accelerate launch -m hfalign` runs)
+    if argv and argv[0] == "launch":  # its options are accelerate's: passed on, not parsed here
+        from hfalign.launch import launch
+
+        return launch(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "schema":
         from hfalign.recipe import Recipe
@@ -94,6 +110,13 @@ def _run(argv: list[str]) -> int:
         else:
             for path in report.plot(runs, Path(args.out)):
                 print(f"wrote {path}")
+        return 0
+    if args.command == "generate":
+        from hfalign.generate import generate
+
+        for prompt, text in zip(args.prompts, generate(args.run, args.prompts, args.max_new_tokens, args.temperature,
+                                                       args.seed, args.chat)):
+            print(f"{prompt}\n  -> {text}")
         return 0
     if args.command == "convert":
         from hfalign.convert import convert_chatglm

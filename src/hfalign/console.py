@@ -25,6 +25,8 @@ WARNING_NOISE = (
     # transformers 5 renamed gradient checkpointing; PEFT and TRL still call the old name internally
     (FutureWarning, r".*`is_gradient_checkpointing` is deprecated"),
     (FutureWarning, r".*`gradient_checkpointing` is deprecated"),  # TRL's configs set the old field themselves
+    # DeepSpeed's ZeRO collectives call torch's old name, once per gather, on every rank
+    (FutureWarning, r".*`torch.distributed.all_gather_into_tensor` is deprecated"),
 )
 
 
