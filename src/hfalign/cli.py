@@ -11,6 +11,7 @@
     hfalign convert chatglm SRC OUT              a ChatGLM2/3 checkpoint (dir or hub id) as transformers' native GLM
     hfalign plot RUN_DIR [RUN_DIR ...] [--out D] a run's curves and report.md again; several runs overlaid in D
     hfalign generate RUN_DIR "prompt" [...]      sample from an SFT or PPO run (chat template as it was trained)
+    hfalign export RUN_DIR OUT [--dtype bf16]    a run (LoRA adapters merged, stacked ones too) as one full model
     hfalign launch [accelerate options] RECIPE [overrides]   check, then accelerate launch -m hfalign (exit 2 on a
                                                  mistake, before any process starts)
 
@@ -27,7 +28,7 @@ import yaml
 
 from hfalign.errors import UserError
 
-COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data", "convert", "plot", "generate", "launch")
+COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data", "convert", "plot", "generate", "export", "launch")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     chat = s.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="apply the chat template")
     chat.add_argument("--raw", dest="chat", action="store_false", help="the prompt as it is, no chat template")
+    s = sub.add_parser("export", help="a finished run as one full model (adapters merged)")
+    s.add_argument("run")
+    s.add_argument("out")
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     s = sub.add_parser("convert", help="convert a checkpoint to a native transformers architecture")
     s.add_argument("kind", choices=["chatglm"], help="chatglm: ChatGLM2/ChatGLM3 (remote code) -> native GLM")
     s.add_argument("src", help="checkpoint directory or hub id")
@@ -117,6 +122,11 @@ def _run(argv: list[str]) -> int:
         for prompt, text in zip(args.prompts, generate(args.run, args.prompts, args.max_new_tokens, args.temperature,
                                                        args.seed, args.chat)):
             print(f"{prompt}\n  -> {text}")
+        return 0
+    if args.command == "export":
+        from hfalign.export import export
+
+        print(f"exported {args.run} -> {export(args.run, args.out, args.dtype)} ({args.dtype})")
         return 0
     if args.command == "convert":
         from hfalign.convert import convert_chatglm
