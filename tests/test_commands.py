@@ -24,9 +24,10 @@ def test_generate_samples_from_full_and_lora_runs(pipeline, lora_pipeline):
 def test_launch_checks_before_any_process_starts(pipeline, tmp_path):
     """Mistakes are one line and exit 2 from a real process, not accelerate's ChildFailedError traceback."""
     done = run([PYTHON, "-m", "hfalign", "launch", "--num_processes", "2", str(ROOT / "recipes/sft.yaml"),
-                f"output_dir={pipeline['sft']}", f"data.train={ROOT / 'data/sft_train.jsonl'}",
-                f"data.eval={ROOT / 'data/sft_eval.jsonl'}"], check=False)
-    bad = run([PYTHON, "-m", "hfalign", "launch", str(ROOT / "recipes/sft.yaml"), "train.learning_rat=1"], check=False)
+                f"output_dir={pipeline['sft']}", f"model.name_or_path={pipeline['base']}",
+                f"data.train={ROOT / 'data/sft_train.jsonl'}", f"data.eval={ROOT / 'data/sft_eval.jsonl'}"], check=False)
+    bad = run([PYTHON, "-m", "hfalign", "launch", str(ROOT / "recipes/sft.yaml"), f"model.name_or_path={pipeline['base']}",
+               "train.learning_rat=1"], check=False)
     for proc, says in ((done, "already holds a finished sft run"), (bad, "train.learning_rat")):
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
 
