@@ -13,8 +13,6 @@ import json
 import platform
 from pathlib import Path
 
-import yaml
-
 # stage: [(file name, title, [metric keys drawn on the panel])]; eval_* keys are drawn as points
 PANELS = {
     "sft": [("loss", "loss", ["loss", "eval_loss"]),
@@ -52,12 +50,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def stage_of(run: Path) -> str:
-    resolved = run / "recipe.resolved.yaml"
-    if not resolved.is_file():
-        from hfalign.errors import UserError
+    from hfalign.rundir import read_run
 
-        raise UserError(f"{run} is not an hfalign run directory (no recipe.resolved.yaml).", fix="give a run's output_dir")
-    return yaml.safe_load(resolved.read_text(encoding="utf-8"))["stage"]
+    return read_run(run)["stage"]
 
 
 def ema(values: list[float], weight: float = SMOOTHING) -> list[float]:

@@ -162,6 +162,19 @@ def _trim_metrics(path: Path, step: int, key: str = "step") -> None:
     atomic_write(path, "".join(ln + "\n" for ln in keep))
 
 
+def read_run(run: Path, finished: bool = False) -> dict:
+    """The resolved recipe of a run directory (what plot, generate and export start from); a directory that is not a
+    run (or, with `finished`, not a finished one) is a user mistake."""
+    from hfalign.errors import UserError
+
+    path = Path(run) / "recipe.resolved.yaml"
+    if not path.is_file() or (finished and not (Path(run) / DONE).is_file()):
+        raise UserError(f"{run} is not {'a finished' if finished else 'an'} hfalign run directory (no "
+                        f"{'recipe.resolved.yaml or ' + DONE if finished else 'recipe.resolved.yaml'}).",
+                        fix="give the output_dir of a run")
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
 def finish(recipe: Recipe, is_main: bool, summary: dict) -> None:
     """Mark the run complete; called after the model files are saved, so the marker never lies."""
     if is_main:
