@@ -82,3 +82,30 @@ def lora_pipeline(tmp_path_factory, tiny_model) -> dict:
                                 "train.num_train_epochs=1", "data.max_rows=512")
     assert code == 0, err[-3000:]
     return {"root": root, "sft": sft, "rm": rm, "base": tiny_model}
+
+
+@pytest.fixture(scope="session")
+def ppo_run(pipeline) -> Path:
+    """A short full-weight PPO run of the embedded default on the session pipeline (64 episodes); its console output
+    is kept beside it in ppo.stdout."""
+    from helpers import ppo_args
+
+    out = pipeline["root"] / "ppo"
+    code, stdout, err = train_shipped("ppo.yaml", *ppo_args(pipeline, out, "train.total_episodes=64"))
+    assert code == 0, err[-3000:]
+    (pipeline["root"] / "ppo.stdout").write_text(stdout, encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_ppo_run(lora_pipeline) -> Path:
+    """A short shared-base LoRA PPO run: the policy adapter starts from the SFT adapter, the reward adapter on it."""
+    from helpers import ROOT
+
+    out = lora_pipeline["root"] / "ppo"
+    code, _, err = train_shipped("ppo.yaml", f"output_dir={out}", f"model.name_or_path={lora_pipeline['base']}",
+                                 f"model.adapter={lora_pipeline['sft']}", f"reward.model={lora_pipeline['rm']}",
+                                 "lora.enabled=true", "lora.r=8", "train.total_episodes=64", "train.num_eval_prompts=8",
+                                 f"data.train={ROOT / 'data/ppo_prompts.jsonl'}")
+    assert code == 0, err[-3000:]
+    return out

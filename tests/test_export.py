@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ROOT, cli, train_shipped
+from helpers import cli
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 50, 51, 52, 53, 54, 55, 56]])
 
@@ -49,16 +49,11 @@ def test_reward_adapter_on_the_sft_adapter_merges_to_the_same_scores(lora_pipeli
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_ppo_policy_adapter_and_full_runs_export(lora_pipeline, pipeline, tmp_path):
+def test_ppo_policy_adapter_and_full_runs_export(lora_ppo_run, lora_pipeline, pipeline, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    ppo = tmp_path / "ppo"
-    code, _, err = train_shipped("ppo.yaml", f"output_dir={ppo}", f"model.name_or_path={lora_pipeline['base']}",
-                                 f"model.adapter={lora_pipeline['sft']}", f"reward.model={lora_pipeline['rm']}",
-                                 "lora.enabled=true", "lora.r=8", "train.total_episodes=64", "train.num_eval_prompts=8",
-                                 f"data.train={ROOT / 'data/ppo_prompts.jsonl'}")
-    assert code == 0, err[-3000:]
+    ppo = lora_ppo_run
     out = exported(ppo, tmp_path)
     stacked = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lora_pipeline["base"]), ppo)
     with torch.no_grad():

@@ -12,6 +12,8 @@
     hfalign plot RUN_DIR [RUN_DIR ...] [--out D] a run's curves and report.md again; several runs overlaid in D
     hfalign generate RUN_DIR "prompt" [...]      sample from an SFT or PPO run (chat template as it was trained)
     hfalign export RUN_DIR OUT [--dtype bf16]    a run (LoRA adapters merged, stacked ones too) as one full model
+    hfalign eval RUN_DIR [...] [--data F] [--prompts N] [--json OUT]   reward models' accuracy/margin, policies'
+                                                 score/objective/KL/length vs their reference, runs side by side
     hfalign launch [accelerate options] RECIPE [overrides]   check, then accelerate launch -m hfalign (exit 2 on a
                                                  mistake, before any process starts)
 
@@ -28,7 +30,7 @@ import yaml
 
 from hfalign.errors import UserError
 
-COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data", "convert", "plot", "generate", "export", "launch")
+COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data", "convert", "plot", "generate", "export", "eval", "launch")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.add_argument("out")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    s = sub.add_parser("eval", help="measure finished rm/ppo runs again, side by side")
+    s.add_argument("runs", nargs="+", help="finished rm or ppo run directories")
+    s.add_argument("--data", default=None, help="one file for every run: preference pairs (rm) or prompts (ppo); "
+                                                "default: each run's own eval set")
+    s.add_argument("--prompts", type=int, default=None, help="ppo: completions to sample (default: the run's num_eval_prompts)")
+    s.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
     s = sub.add_parser("convert", help="convert a checkpoint to a native transformers architecture")
     s.add_argument("kind", choices=["chatglm"], help="chatglm: ChatGLM2/ChatGLM3 (remote code) -> native GLM")
     s.add_argument("src", help="checkpoint directory or hub id")
@@ -127,6 +135,15 @@ def _run(argv: list[str]) -> int:
         from hfalign.export import export
 
         print(f"exported {args.run} -> {export(args.run, args.out, args.dtype)} ({args.dtype})")
+        return 0
+    if args.command == "eval":
+        from hfalign import evaluation
+
+        rows = evaluation.evaluate(args.runs, args.data, args.prompts)
+        print(evaluation.format_table(rows))
+        if args.json:
+            evaluation.write_json(rows, args.json)
+            print(f"wrote {args.json}")
         return 0
     if args.command == "convert":
         from hfalign.convert import convert_chatglm

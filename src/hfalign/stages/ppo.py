@@ -62,7 +62,7 @@ def trainer(recipe: Recipe, args, tokenizer, train_set, eval_set, callbacks):
 def summarize(recipe: Recipe, trainer, eval_set) -> dict:
     """Held-out prompts from the reference (= the SFT policy, frozen, so "before" needs no run of its own) and from
     the PPO policy, with the models as DeepSpeed holds them; printed and written to summary.json."""
-    before, after = _sample_stats(recipe, trainer, "ref"), _sample_stats(recipe, trainer, "policy")
+    before, after = sample_stats(recipe, trainer, "ref"), sample_stats(recipe, trainer, "policy")
     summary = {"before (reference)": before, "after (policy)": after}
     if trainer.is_world_process_zero():
         with open(os.path.join(recipe.output_dir, "summary.json"), "w", encoding="utf-8") as f:
@@ -71,7 +71,7 @@ def summarize(recipe: Recipe, trainer, eval_set) -> dict:
     return summary
 
 
-def _sample_stats(recipe: Recipe, trainer, role: str) -> dict:
+def sample_stats(recipe: Recipe, trainer, role: str) -> dict:
     s = trainer.sample(role, trainer.args.num_eval_prompts)
     n = len(s["completion"])
     out = {"prompts": n, "score": sum(s["score"]) / n, "kl": sum(s["kl"]) / n,
