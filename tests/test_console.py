@@ -15,7 +15,9 @@ def test_a_run_prints_no_library_noise(tiny_model, tmp_path):
                 f"data.eval={ROOT / 'data/sft_eval.jsonl'}", "data.max_rows=64", "train.max_steps=4",
                 "train.logging_steps=2", "train.eval_strategy=steps", "train.eval_steps=4", "train.save_steps=4"])
     console = proc.stdout + proc.stderr
-    assert "[step 4/4]" in console  # hfalign's own line per log
+    assert f"hfalign sft | recipe {ROOT / 'recipes/sft.yaml'} | model {tiny_model} (full, " in console  # the header
+    assert "| data 64 train + 200 eval rows | batch " in console and f"-> {tmp_path / 'sft'}" in console
+    assert "[step 4/4 100% eta 0s]" in console and "[step 2/4 50% eta " in console  # hfalign's own line per log
     assert [n for n in NOISE if n in console] == []
     # the reward model starts from that causal LM: a new head is expected, so no load report about it
     proc = run([PYTHON, "-m", "hfalign", "train", str(ROOT / "recipes/rm.yaml"), f"output_dir={tmp_path / 'rm'}",
@@ -23,7 +25,7 @@ def test_a_run_prints_no_library_noise(tiny_model, tmp_path):
                 f"data.eval={ROOT / 'data/rm_eval.jsonl'}", "data.max_rows=64", "train.max_steps=2",
                 "train.eval_strategy=no", "train.save_steps=2"])
     console = proc.stdout + proc.stderr
-    assert "[step 2/2]" in console and "LOAD REPORT" not in console
+    assert "[step 2/2 100% eta 0s]" in console and "LOAD REPORT" not in console
     assert [n for n in NOISE if n in console] == []
 
 
@@ -32,3 +34,28 @@ def test_unknown_warnings_still_show():
             "warnings.warn('a real problem'); warnings.warn(\"'pin_memory' argument is set as true but no accelerator is found\")")
     proc = run([PYTHON, "-c", code])
     assert "a real problem" in proc.stderr and "pin_memory" not in proc.stderr
+
+
+def test_a_terminal_gets_one_progress_bar_with_an_eta(tmp_path):
+    import io
+
+    from transformers import TrainerControl, TrainerState
+
+    from hfalign.callbacks import MetricsCallback
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    cb, state = MetricsCallback(str(tmp_path), stream=out, keys=["loss"]), TrainerState(max_steps=8)
+    state.is_world_process_zero = True
+    cb.on_train_begin(None, state, TrainerControl())
+    for step in (2, 4):
+        state.global_step = step
+        cb.on_log(None, state, TrainerControl(), logs={"loss": 1.0 / step, "lr": 0.1})
+    cb.on_train_end(None, state, TrainerControl())
+    text = out.getvalue()
+    assert text.count("\r") == 2 and text.endswith("\n") and text.count("\n") == 1  # rewritten in place, then closed
+    assert "[############............] step 4/8 50% eta " in text and "loss 0.25" in text and "lr" not in text
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # every log still in metrics.jsonl

@@ -312,7 +312,8 @@ class PPOTrainer(Trainer):
                    "ended_with": [self.tokenizer.convert_ids_to_tokens(t) if eos else None  # None: cut at the length
                                   for t, eos in zip(ends, r.has_eos.tolist())]}
         for cb in listeners:
-            cb.on_rollout(self.args, self.state, self.control, samples=samples)
+            cb.on_rollout(self.args, self.state, self.control, samples=samples,
+                          callbacks=self.callback_handler.callbacks)  # the trackers, for tables
 
     # -- checkpoints and saving ------------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:

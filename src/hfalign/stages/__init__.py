@@ -52,6 +52,8 @@ def run(checked) -> dict:
     set_seed(args.seed)
     trainer = stage.trainer(recipe, args, tokenizer, train_set, eval_set, callbacks.build(recipe))
     callbacks.quiet_printer(trainer)
+    if trainer.is_world_process_zero():
+        print(header(recipe, args, train_set, eval_set), flush=True)
 
     # 5. Train (resumes when a checkpoint exists), then summarize
     trainer.train(resume_from_checkpoint=resume_from)
@@ -70,3 +72,20 @@ def run(checked) -> dict:
         print(f"hfalign: report {report.write_report(Path(recipe.output_dir))} (plots under "
               f"{Path(recipe.output_dir) / 'plots'})", flush=True)
     return summary
+
+
+def header(recipe, args, train_set, eval_set) -> str:
+    """The run in one line: stage, recipe, model (how it trains), data, batch plan, output directory."""
+    m, how = recipe.model, "full"
+    if recipe.lora.enabled:
+        q = recipe.quantization
+        how = f"{('QLoRA 4-bit' if q.load_in_4bit else 'LoRA 8-bit') if q.enabled else 'LoRA'} r{recipe.lora.r}"
+    model = m.name_or_path + (f" + adapter {m.adapter}" if m.adapter else "")
+    mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else m.dtype
+    rows = "hub set" if train_set is None else f"{len(train_set)} train"
+    rows += f" + {len(eval_set)} eval rows" if eval_set is not None else " rows"
+    batch = f"batch {args.per_device_train_batch_size} x accumulate {args.gradient_accumulation_steps} x {args.world_size} process(es)"
+    length = f"max_steps {args.max_steps}" if args.max_steps and args.max_steps > 0 else \
+        f"{getattr(args, 'total_episodes', None)} episodes" if getattr(args, "total_episodes", None) else f"{args.num_train_epochs:g} epoch(s)"
+    return (f"hfalign {recipe.stage} | recipe {recipe.source} | model {model} ({how}, {mixed}) | data {rows} | "
+            f"{batch}, {length} | -> {recipe.output_dir}")
