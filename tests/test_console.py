@@ -41,7 +41,7 @@ def test_a_terminal_gets_one_progress_bar_with_an_eta(tmp_path):
 
     from transformers import TrainerControl, TrainerState
 
-    from hfalign.callbacks import MetricsCallback
+    from hfalign.callback_types import MetricsCallback
 
     class Terminal(io.StringIO):
         def isatty(self):

@@ -9,7 +9,7 @@ from helpers import ROOT, read_jsonl
 from transformers import TrainerCallback
 
 from hfalign import callbacks, recipe
-from hfalign.callbacks import CollapseGuardCallback, KLGuardCallback
+from hfalign.callback_types import CollapseGuardCallback, KLGuardCallback
 from hfalign.ppo import core
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import PYTHON, ROOT, cli, run
@@ -45,12 +46,13 @@ def test_valid_recipe_passes(write_recipe, sft_recipe):
         (lambda r: r.update(callbacks=["nope"]), ["unknown callback 'nope'", "metrics"]),
         (lambda r: r.update(callbacks=[{"name": "metrics", "colour": 1}]), ["has no option 'colour'"]),
         (lambda r: r["data"].update(eval_fraction=1.5), ["'data.eval_fraction' must be in [0, 1)"]),
-        (lambda r: r["train"].update(lr_scheduler_type="zigzag"), ["SFTConfig rejects", "zigzag"]),
+        (lambda r: r["train"].update(lr_scheduler_type="zigzag"), ["'train.lr_scheduler_type' must be one of", "'cosine'", "zigzag"]),
         (lambda r: r["train"].update(evaluation_strategy="epoch"), ["'train.evaluation_strategy'", "'eval_strategy'"]),
+        (lambda r: r["train"].update(eval_strategy=["steps"]), ["'train.eval_strategy' must be one of", "'epoch'"]),
     ],
     ids=["unknown-top", "unknown-nested", "unknown-train", "wrong-type", "lr-zero", "lr-negative", "batch-zero",
          "epochs-type", "missing-data", "missing-model", "bad-stage", "missing-required", "owned-key", "qlora-no-lora",
-         "reward-in-sft", "unknown-callback", "callback-option", "eval-fraction", "config-rejects", "renamed-key"],
+         "reward-in-sft", "unknown-callback", "callback-option", "eval-fraction", "enum-value", "renamed-key", "enum-list"],
 )
 def test_bad_recipe(write_recipe, sft_recipe, mutate, needles):
     mutate(sft_recipe)
@@ -143,6 +145,61 @@ def test_chatglm_checkpoint_names_the_convert_path(write_recipe, sft_recipe, tmp
                       f"hfalign convert chatglm {fake}", "trust_remote_code: true")
     sft_recipe["model"]["name_or_path"] = "THUDM/chatglm3-6b"  # a hub id says so before anything downloads
     assert_user_error(*cli("validate", str(write_recipe(sft_recipe))), "hfalign convert chatglm THUDM/chatglm3-6b")
+
+
+def test_the_config_class_judges_at_the_start_of_a_run_and_with_validate_full(write_recipe, sft_recipe):
+    """A rule only the config class knows (TrainingArguments.__post_init__: best-model tracking needs evaluation):
+    plain `validate` skips it (no torch import); `validate --full` and `train` (before any model loads) refuse."""
+    sft_recipe["train"].update(load_best_model_at_end=True, eval_strategy="no")
+    path = str(write_recipe(sft_recipe))
+    code, out, err = cli("validate", path)
+    assert code == 0 and "ok:" in out, err
+    for args in (["validate", path, "--full"], ["train", path]):
+        assert_user_error(*cli(*args), "SFTConfig rejects these settings", "load_best_model_at_end")
+    assert not (Path(sft_recipe["output_dir"]) / "recipe.resolved.yaml").exists()  # nothing written
+
+
+def test_validate_imports_no_trainer_library(write_recipe, sft_recipe, tmp_path):
+    """`hfalign validate` answers without torch/transformers/trl/peft: the config fields come from a cache the first
+    run writes (keyed by library versions); the second run imports none of them."""
+    code = ("import sys; from hfalign.cli import _run; _run(['validate', sys.argv[1]]); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'trl', 'peft', 'datasets'}))")
+    env = {"HFALIGN_CACHE_DIR": str(tmp_path / "cache")}
+    for recipe in (write_recipe(sft_recipe), ROOT / "recipes/ppo.yaml", ROOT / "recipes/lora/rm.yaml"):
+        run([PYTHON, "-c", code, str(recipe)], env=env)  # the first run of a version set reads the classes
+        assert run([PYTHON, "-c", code, str(recipe)], env=env).stdout.splitlines()[-1] == "[]", recipe
+    assert len(list((tmp_path / "cache").glob("train-fields-*.json"))) == 1
+
+
+def test_cached_fields_equal_the_classes(tmp_path, monkeypatch):
+    """The cache's fields are the classes' init fields; their types give the live types' verdict on every probe value
+    (an `Enum | str` field: stricter, only the enum's values, which the class itself would insist on); defaults kept."""
+    import dataclasses
+
+    from hfalign import stages, trainfields
+    from hfalign.schema import _Mismatch, coerce, field_types
+
+    def accepts(tp, value) -> bool:
+        try:
+            coerce(value, tp)
+            return True
+        except _Mismatch:
+            return False
+
+    monkeypatch.setenv("HFALIGN_CACHE_DIR", str(tmp_path))
+    probes = [1, 1.5, "1e-5", "x", "steps", "cosine", "adamw_torch", True, None, [1], ["tensorboard"], {"a": 1}]
+    for name, module in stages.STAGES.items():
+        cls, fields = module.config_class(), trainfields.spec(name)
+        assert set(fields) == {f.name for f in dataclasses.fields(cls) if f.init}
+        live = field_types(cls)
+        for key, (tp, _) in fields.items():
+            for value in probes:
+                cached, real = accepts(tp, value), accepts(live[key], value)
+                assert cached == real or (not cached and real and value in ("x", "steps", "cosine", "adamw_torch", "1e-5")), \
+                    (name, key, value)
+        assert fields["per_device_train_batch_size"][1] == cls.per_device_train_batch_size
+        assert not accepts(fields["lr_scheduler_type"][0], "zigzag") and accepts(fields["lr_scheduler_type"][0], "cosine")
+    assert trainfields.spec("ppo")["num_mini_batches"][1] == 1 and trainfields.spec("ppo")["kl_coef"][1] == 0.2
 
 
 def test_real_process_exits_2_without_traceback(write_recipe, sft_recipe):

@@ -1,7 +1,8 @@
 """hfalign's command line.
 
     hfalign train RECIPE [key.sub=value ...]     train the recipe's stage (also: python -m hfalign RECIPE ...)
-    hfalign validate RECIPE [overrides]          every check, no model loaded; exit 2 on a mistake
+    hfalign validate RECIPE [overrides] [--full] every check, no model or torch loaded (--full: the trainer config
+                                                 class's own rules too, as a run's start does); exit 2 on a mistake
     hfalign show RECIPE [overrides]              print the resolved recipe
     hfalign schema                               every recipe key with its type, default and meaning
     hfalign build-tiny [DIR] [--task T] [--family F] [--pretrain N]  build a demo task's tiny model (default:
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         s.add_argument("recipe")
         s.add_argument("overrides", nargs="*", help="dotted key=value, value parsed as YAML")
+        if name == "validate":
+            s.add_argument("--full", action="store_true", help="also let the trainer config class judge train: as a "
+                                                               "whole (as every run's start does; imports torch, ~4 s)")
     sub.add_parser("schema", help="print every recipe key")
     from hfalign.demo import TASKS
     from hfalign.demo.tiny import TINY_FAMILIES
@@ -84,11 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def validate(path: str, overrides: list[str]):
-    """Everything checkable before a model loads (preflight.check): the checked recipe and its data rows."""
+def validate(path: str, overrides: list[str], judge: bool = True):
+    """Everything checkable before a model loads (preflight.check): the checked recipe and its data rows. `judge`:
+    the trainer config class judges train: too (imports the trainer stack; `validate` and `show` leave it to the run)."""
     from hfalign import preflight, recipe
 
-    return preflight.check(recipe.load(path, overrides))
+    return preflight.check(recipe.load(path, overrides), judge)
 
 
 def _run(argv: list[str]) -> int:
@@ -156,7 +161,7 @@ def _run(argv: list[str]) -> int:
         for path in write_data(args.task, args.dir, args.seed):
             print(f"wrote {path}")
         return 0
-    checked = validate(args.recipe, args.overrides)
+    checked = validate(args.recipe, args.overrides, judge=args.command == "train" or getattr(args, "full", False))
     r = checked.recipe
     if args.command == "validate":
         print(f"ok: {args.recipe} is a valid {r.stage} recipe (output_dir {r.output_dir})")
@@ -178,6 +183,8 @@ def _leave_distributed(code: int) -> None:
     turning a good run red. All files are written by now; Python's exit handlers (wandb, tensorboard) still run."""
     import atexit
 
+    if "torch" not in sys.modules:  # nothing imported torch (validate, show, schema): no process group either
+        return
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

@@ -74,10 +74,23 @@ def _local_config(path: str) -> dict | None:
     return None
 
 
-def check_model(m: ModelSection, where: str = "model") -> None:
-    """Checks that need the checkpoint's config but no weights: remote code must be asked for."""
+def native(model_type: str | None) -> bool:
+    """Does this transformers know the architecture? Its own model directory answers without importing the auto
+    classes (~2 s); only a type without one asks CONFIG_MAPPING (names that differ from their directory)."""
+    import importlib.util
+
+    if not model_type:
+        return False
+    spec = importlib.util.find_spec("transformers")
+    if spec and spec.origin and os.path.isdir(os.path.join(os.path.dirname(spec.origin), "models", model_type.replace("-", "_"))):
+        return True
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    return model_type in CONFIG_MAPPING
+
+
+def check_model(m: ModelSection, where: str = "model") -> None:
+    """Checks that need the checkpoint's config but no weights: remote code must be asked for."""
     local = os.path.expanduser(m.name_or_path)
     if os.path.isdir(local) and not os.path.isfile(os.path.join(local, "config.json")):
         hint = " (it holds a LoRA adapter: set model.adapter to it and model.name_or_path to its base)" \
@@ -96,7 +109,7 @@ def check_model(m: ModelSection, where: str = "model") -> None:
         )
     if cfg is None:
         return
-    if "auto_map" in cfg and model_type not in CONFIG_MAPPING and not m.trust_remote_code:
+    if "auto_map" in cfg and not native(model_type) and not m.trust_remote_code:
         raise UserError(
             f"'{where}.name_or_path' ({m.name_or_path}) is a '{model_type}' checkpoint that needs its own Python code.",
             fix=f"set {where}.trust_remote_code: true if you trust that code (hfalign never implies it)",

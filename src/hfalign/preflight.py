@@ -25,10 +25,12 @@ class Checked:
     rows: dict[str, list[dict] | None]
 
 
-def check(recipe: Recipe) -> Checked:
+def check(recipe: Recipe, judge: bool = True) -> Checked:
+    """`judge`: also let the trainer config class judge `train:` as a whole (imports the trainer stack, ~4 s);
+    `hfalign validate` leaves that to the run's start, which repeats every check with it."""
     with located(recipe.source):
         stage = stages.get(recipe.stage)
-        trainargs.check(recipe, stage.config_class())
+        trainargs.check(recipe, recipe.stage, judge)
         models.check_model(recipe.model)
         if recipe.model.adapter:
             models.check_adapter_base(recipe.model.adapter, recipe.model.name_or_path, "model.adapter")

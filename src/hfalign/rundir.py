@@ -3,7 +3,7 @@
     outputs/<run>/
       recipe.resolved.yaml   the fully resolved recipe (written before training)
       versions.json          python and package versions
-      metrics.jsonl          one JSON object per logged dict (callbacks.MetricsCallback; callbacks.LOG_FILES lists
+      metrics.jsonl          one JSON object per logged dict (callback_types.MetricsCallback; callbacks.LOG_FILES lists
                              every file a callback appends to, trimmed back to the checkpoint on resume)
       checkpoint-N/          Trainer checkpoints (resume)
       hfalign_done.json      written last: the run finished and the model files are complete

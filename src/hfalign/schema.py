@@ -116,7 +116,7 @@ def coerce(value: Any, tp: Any) -> Any:
         return value
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         value = _yaml_bool_word(value, [m.value for m in tp])
-        if isinstance(value, tp) or (not isinstance(value, bool) and value in {m.value for m in tp}):
+        if isinstance(value, tp) or (not isinstance(value, bool) and value in [m.value for m in tp]):  # a list: no
             return value
         raise _Mismatch
     return value

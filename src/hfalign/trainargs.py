@@ -1,6 +1,9 @@
 """recipe -> the stage's trainer config (trl.SFTConfig, trl.RewardConfig, hfalign PPOConfig).
 
-`check()` types and range-checks the recipe's `train:` mapping against the config class (preflight runs it);
+`check()` types and range-checks the recipe's `train:` mapping against the config class's fields (preflight runs it;
+the fields come from hfalign.trainfields, so no trainer library is imported), then, unless told not to, lets the class
+judge the whole (its __post_init__ rules: that import costs ~4 s, which `hfalign validate` skips);
+`settings()` is the recipe's train values over the class defaults, for checks that need numbers only;
 `build()` makes the config object: the user's values plus what hfalign decides (output_dir, backend, reporting).
 """
 
@@ -8,10 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from types import SimpleNamespace
 
+from hfalign import trainfields
 from hfalign.errors import UserError
 from hfalign.recipe import Recipe
-from hfalign.schema import check_keys, check_value, field_types
+from hfalign.schema import check_keys, check_value
+
+CLASS_NAMES = {"sft": "SFTConfig", "rm": "RewardConfig", "ppo": "PPOConfig"}  # as messages name them
 
 # Keys hfalign owns elsewhere in the recipe; setting them under train: would be ambiguous.
 OWNED_KEYS = {
@@ -41,17 +48,18 @@ NON_NEGATIVE = ("weight_decay", "warmup_steps", "max_grad_norm", "kl_coef", "cli
                 "entropy_coef", "save_total_limit", "warmup_ratio")
 
 
-def check(recipe: Recipe, cls: type) -> None:
-    """Check `train:` against the config class: known keys, types, ranges; then let the class itself judge.
-    Replaces recipe.train by the typed values (YAML 1.1's '1e-5' string becomes a float)."""
-    types_ = field_types(cls)
-    allowed = [f.name for f in dataclasses.fields(cls) if f.init]
+def check(recipe: Recipe, stage: str, judge: bool = True) -> None:
+    """Check `train:` against the stage's config fields: known keys, types, ranges; then (`judge`) let the class itself
+    judge. Replaces recipe.train by the typed values (YAML 1.1's '1e-5' string becomes a float)."""
+    fields = trainfields.spec(stage)
+    types_ = {name: tp for name, (tp, _) in fields.items()}
+    allowed, name = list(fields), CLASS_NAMES[stage]
     train = recipe.train
     for key in train:
         if key in OWNED_KEYS:
             raise UserError(f"'train.{key}' is set by hfalign.", fix=OWNED_KEYS[key])
         if key in RENAMED and key not in allowed:
-            raise UserError(f"'train.{key}' is not a {cls.__name__} field.", fix=RENAMED[key])
+            raise UserError(f"'train.{key}' is not a {name} field.", fix=RENAMED[key])
     check_keys(train, allowed, "train")
     checked = {key: check_value(value, types_[key], f"train.{key}") for key, value in train.items()}
     for key in POSITIVE:
@@ -61,10 +69,21 @@ def check(recipe: Recipe, cls: type) -> None:
         if key in checked and checked[key] is not None and checked[key] < 0:
             raise UserError(f"'train.{key}' must be >= 0, got {checked[key]}.", fix=f"set train.{key} to 0 or more")
     recipe.train = checked
+    precision(recipe)  # the launch's mixed precision against the recipe's
+    if not judge:
+        return
+    from hfalign import stages
+
     try:
-        build(recipe, cls, probe=True)
+        build(recipe, stages.get(stage).config_class(), probe=True)
     except (ValueError, TypeError) as e:
-        raise UserError(f"train: {cls.__name__} rejects these settings: {e}", fix="adjust the train: section") from None
+        raise UserError(f"train: {name} rejects these settings: {e}", fix="adjust the train: section") from None
+
+
+def settings(recipe: Recipe, stage: str) -> SimpleNamespace:
+    """The recipe's (checked) train values over the config class's defaults, as attributes: numbers for checks that
+    need no config object (PPO's batch plan)."""
+    return SimpleNamespace(**{**{k: d for k, (_, d) in trainfields.spec(stage).items()}, **recipe.train})
 
 
 def precision(recipe: Recipe) -> str:

@@ -1,4 +1,4 @@
-"""Acting on PPO guards (callbacks that answer `trip(metrics)`, see hfalign.callbacks.Guard): warn, stop with a
+"""Acting on PPO guards (callbacks that answer `trip(metrics)`, see hfalign.callback_types.Guard): warn, stop with a
 checkpoint, or roll back to the newest checkpoint and go on more carefully (higher KL coefficient, lower lr)."""
 
 from __future__ import annotations

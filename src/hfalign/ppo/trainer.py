@@ -35,8 +35,9 @@ from transformers.trainer_utils import TrainOutput
 from hfalign.errors import UserError
 from hfalign.ppo import core, guards
 from hfalign.ppo.build import from_trl_args
-from hfalign.ppo.config import PPOConfig, plan, plan_problem
+from hfalign.ppo.config import PPOConfig
 from hfalign.ppo.generation import HFGenerator, stop_token_ids
+from hfalign.ppo.plan import plan, plan_problem
 from hfalign.ppo.policy_value import PolicyAndValue
 from hfalign.ppo.rollout import Rollout, left_pad, prompt_batches
 

@@ -27,7 +27,7 @@ def config_class() -> type:
 
 def check(recipe: Recipe, rows: dict) -> None:
     """A reward source; a LoRA reward adapter on this base; batch arithmetic against the prompts and processes."""
-    from hfalign.ppo.config import plan, plan_problem
+    from hfalign.ppo.plan import plan, plan_problem
 
     if recipe.reward is None:
         raise UserError("'reward' section is required for stage ppo.", fix="add reward: {model: outputs/rm}")
@@ -41,7 +41,7 @@ def check(recipe: Recipe, rows: dict) -> None:
     if rows["train"] is None:
         return  # a hub set: counted when loaded
     world, n = int(os.environ.get("WORLD_SIZE", "1")), len(rows["train"])
-    problem = plan_problem(plan(trainargs.build(recipe, config_class(), probe=True), world, n), n)
+    problem = plan_problem(plan(trainargs.settings(recipe, "ppo"), world, n), n)
     if problem:
         raise UserError(f"PPO batch does not fit the data: {problem}.",
                         fix="lower train.per_device_train_batch_size or train.num_mini_batches, or add prompts")
