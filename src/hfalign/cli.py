@@ -6,7 +6,7 @@
     hfalign show RECIPE [overrides]              print the resolved recipe
     hfalign schema                               every recipe key with its type, default and meaning
     hfalign build-tiny [DIR] [--task T] [--family F] [--pretrain N]  build a demo task's tiny model (default:
-                                                 models/tiny-llama; F: llama (default), llama2, llama3, glm, glm4;
+                                                 models/tiny-llama; F: llama (default), llama2, llama3, glm, glm4, qwen2;
                                                  N steps of pretraining on the task's text: a base for LoRA)
     hfalign make-data [DIR] [--task T]           write a demo task's data files (default: the embedded default, data/)
     hfalign convert chatglm SRC OUT              a ChatGLM2/3 checkpoint (dir or hub id) as transformers' native GLM

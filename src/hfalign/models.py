@@ -41,6 +41,8 @@ FAMILIES = {
                   chat_template="the tokenizer's own ([gMASK]<sop> prefix); EOS closes a final assistant turn"),
     "glm4": Family(stop_tokens=("<|user|>", "<|observation|>"),
                    chat_template="the tokenizer's own ([gMASK]<sop> prefix); EOS closes a final assistant turn"),
+    # Qwen2/2.5: ChatML; a chat turn ends with <|im_end|> (the base models' EOS is <|endoftext|>)
+    "qwen2": Family(stop_tokens=("<|im_end|>",), chat_template="the tokenizer's own (ChatML)"),
     # ChatGLM2/3 (remote code): q/k/v fused into query_key_value; the LM head is `output_layer`, which "all-linear"
     # would not recognise as a head (PEFT excludes only lm_head-like names), so the targets are named. Its
     # transformer returns [seq, batch, hidden] and its tokenizer pads on the left only (trlx#474).

@@ -44,6 +44,10 @@ GLM_TEMPLATE = (
     "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+QWEN2_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 _GLM_TOKENS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
 # family: config class, special tokens (first ones: bos, eos, pad, unk as named), chat template, BOS added by the
 # tokenizer, the tokens generation stops at
@@ -60,6 +64,11 @@ TINY_FAMILIES = {
                 unk=None, template=GLM_TEMPLATE, add_bos=False, stop=["<|endoftext|>", "<|user|>", "<|observation|>"]),
 }
 TINY_FAMILIES["glm4"] = {**TINY_FAMILIES["glm"], "config": "Glm4Config"}  # GLM-4 ships GLM's tokens and template
+# Qwen2.5(-Instruct): ChatML, no BOS, pad <|endoftext|>; its embedding has spare rows beyond the tokenizer (151936 for
+# 151665 tokens), so a script that adds a [PAD] token (TRL's PPO examples) needs no resize: vocab_multiple rounds up
+TINY_FAMILIES["qwen2"] = dict(config="Qwen2Config", specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None,
+                              eos="<|im_end|>", pad="<|endoftext|>", unk=None, template=QWEN2_TEMPLATE, add_bos=False,
+                              stop=["<|im_end|>", "<|endoftext|>"], vocab_multiple=64)
 
 SIZES = {
     # name: (hidden, intermediate, layers, heads, kv_heads)
@@ -118,7 +127,9 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int = 0, batc
 
 
 def build_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, vocab_size: int = 512, task: str = "reviews",
-               family: str = "llama", pretrain_steps: int = 0) -> Path:
+               family: str = "llama", pretrain_steps: int = 0, vocab_multiple: int | None = None) -> Path:
+    """`vocab_multiple`: round the embedding up to a multiple of it (spare rows beyond the tokenizer, as Qwen's and
+    padded checkpoints have; default: the family's)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -127,8 +138,9 @@ def build_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, vocab_siz
     tokenizer = build_tokenizer(vocab_size, seed, task, family)
     hidden, inter, layers, heads, kv = SIZES[size]
     stop = [tokenizer.convert_tokens_to_ids(t) for t in spec["stop"]]
+    multiple = vocab_multiple or spec.get("vocab_multiple", 1)
     config = getattr(transformers, spec["config"])(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        vocab_size=-(-len(tokenizer) // multiple) * multiple, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads, max_position_embeddings=256,
         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=stop if len(stop) > 1 else stop[0], dtype="float32",

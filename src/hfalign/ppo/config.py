@@ -1,5 +1,7 @@
-"""PPOConfig: TrainingArguments plus the PPO fields (names follow TRL 1.12's PPOConfig where they overlap). The batch
-plan derived from it is in plan.py (no torch import: validation uses it)."""
+"""PPOConfig: TrainingArguments plus the PPO fields. Every field of TRL 1.12's PPOConfig is here under its name and
+meaning (a TRL script parses this class with HfArgumentParser unchanged); where hfalign's default differs, README
+"PPO defaults" says why and TRL_1_12_DEFAULTS holds TRL's. The batch plan derived from it is in plan.py (no torch
+import: validation uses it)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ class PPOConfig(TrainingArguments):
     learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N PPO updates (rollout batches)."})
     save_steps: float = field(default=20, metadata={"help": "Checkpoint every N PPO updates."})
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "Integrations to report to."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})  # noqa: RUF036 (None first, as TrainingArguments: HfArgumentParser needs it)
 
     # Rollout
     total_episodes: int | None = field(default=None, metadata={"help": "Episodes (prompts) to train on; default num_train_epochs * dataset size."})
@@ -57,3 +59,34 @@ class PPOConfig(TrainingArguments):
 
     # Evaluation
     num_eval_prompts: int = field(default=64, metadata={"help": "Completions in the before/after summary: the held-out prompts in order, each again (a new draw) while more are asked for than there are."})
+    num_sample_generations: int = field(default=0, metadata={"help": "TRL 1.12: call generate_completions(sampling=True) this many times during training (every num_total_batches // N updates; needs an eval set). hfalign's sample table (samples.jsonl) records rollouts anyway, so 0 by default; TRL 1.12: 10."})
+
+    # TRL 1.12's remaining fields, same names and meaning
+    stop_token: Literal["eos"] | None = field(default=None, metadata={"help": "TRL 1.12: 'eos' ends responses at the tokenizer's EOS. hfalign always does (plus stop_tokens / the family's end-of-turn tokens), so 'eos' and null behave alike here; TRL 1.12 with null scored the whole response_length (README: Migrating from TRL 1.12)."})
+    stop_token_id: int | None = field(default=None, metadata={"help": "TRL 1.12: a token id that ends responses; joins stop_token_ids."})
+    sft_model_path: str = field(default="EleutherAI/pythia-160m", metadata={"help": "TRL 1.12's example scripts: the policy to load. Read by your script; the trainer takes models, as TRL's did."})
+    reward_model_path: str = field(default="EleutherAI/pythia-160m", metadata={"help": "TRL 1.12's example scripts: the reward model to load. Read by your script, as in TRL."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "TRL 1.12's example scripts: processes for dataset.map. hfalign's trainer encodes prompts itself and does not use it."})
+    model_adapter_name: str | None = field(default=None, metadata={"help": "TRL 1.12: the policy's adapter in a PEFT model with several. Not acted on: hfalign names the policy adapter 'default' (a note says so when set)."})
+    ref_adapter_name: str | None = field(default=None, metadata={"help": "TRL 1.12: the adapter that makes the reference. Not acted on: with peft_config the reference is the base with the adapter off (a note says so when set)."})
+    # world_size: TrainingArguments' own property (the process count), what TRL 1.12's trainer wrote into its field
+    num_total_batches: int | None = field(default=None, metadata={"help": "Filled in by the trainer: PPO updates (rollout batches) in the run."})
+    micro_batch_size: int | None = field(default=None, metadata={"help": "Filled in by the trainer: per_device_train_batch_size x world_size."})
+    local_batch_size: int | None = field(default=None, metadata={"help": "Filled in by the trainer: prompts per update per process (hfalign: mini-batch x num_mini_batches; TRL 1.12: per_device_train_batch_size x gradient_accumulation_steps)."})
+    batch_size: int | None = field(default=None, metadata={"help": "Filled in by the trainer: prompts per update, all processes."})
+    local_mini_batch_size: int | None = field(default=None, metadata={"help": "Filled in by the trainer: prompts per optimizer step per process."})
+    mini_batch_size: int | None = field(default=None, metadata={"help": "Filled in by the trainer: prompts per optimizer step, all processes."})
+
+
+# TRL 1.12's PPOConfig defaults where hfalign's differ (README "PPO defaults" says why): PPOConfig(**TRL_1_12_DEFAULTS,
+# ...) runs TRL 1.12's PPO settings on hfalign's trainer (benchmarks/trl_parity.py does).
+TRL_1_12_DEFAULTS = {"kl_coef": 0.05, "adaptive_kl": False, "normalize_scores": False, "early_stop_kl": None,
+                     "missing_eos_penalty": None, "max_prompt_length": None, "logging_steps": 10, "save_steps": 500,
+                     "num_sample_generations": 10}
+
+# Fields TRL's example scripts or models read, which hfalign's trainer does not act on: a one-time note when set.
+NOT_ACTED_ON = {"model_adapter_name": "the policy adapter is 'default'",
+                "ref_adapter_name": "with peft_config the reference is the base with the adapter off",
+                "dataset_num_proc": "prompts are encoded by the trainer (your script's dataset.map may use it)",
+                "sft_model_path": "read by your script (the trainer takes the models you pass, as TRL's did)",
+                "reward_model_path": "read by your script (the trainer takes the models you pass, as TRL's did)"}

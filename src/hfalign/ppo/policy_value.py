@@ -74,6 +74,12 @@ class PolicyAndValue(nn.Module):
         self._checkpointing = False  # activation checkpointing of the trainable models
         self.config = getattr(policy, "config", None)  # Trainer and accelerate read model.config
 
+    @property
+    def value_model(self):
+        """TRL 1.12's name for the critic (`trainer.model.value_model`): the critic model; None on a shared base, where
+        the critic is the policy's 'value' adapter plus `value_head`."""
+        return self.critic
+
     # -- activation checkpointing of the trainable models (Trainer enables it from args.activation_checkpointing) --
     @property
     def is_activation_checkpointing(self) -> bool:

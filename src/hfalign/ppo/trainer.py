@@ -22,6 +22,7 @@ Private transformers/accelerate API this module relies on (checked against trans
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -35,7 +36,7 @@ from transformers.trainer_utils import TrainOutput
 from hfalign.errors import UserError
 from hfalign.ppo import core, guards
 from hfalign.ppo.build import from_trl_args
-from hfalign.ppo.config import PPOConfig
+from hfalign.ppo.config import NOT_ACTED_ON, PPOConfig
 from hfalign.ppo.generation import HFGenerator, stop_token_ids
 from hfalign.ppo.plan import plan, plan_problem
 from hfalign.ppo.policy_value import PolicyAndValue
@@ -46,25 +47,52 @@ TRAINABLE = "trainable.safetensors"
 
 
 class PPOTrainer(Trainer):
-    def __init__(self, args: PPOConfig, processing_class, model, ref_model=None, reward_model=None, value_model=None,
-                 train_dataset=None, eval_dataset=None, peft_config=None, callbacks=None):
-        """`model` is a causal LM (assembled here, TRL-style) or a ready PolicyAndValue (what the recipe stage builds).
-        `reward_model` is a scalar-head model or a function `(prompts, completions) -> list[float]`."""
+    def __init__(self, args: PPOConfig, processing_class, model, ref_model=None, reward_model=None, train_dataset=None,
+                 value_model=None, data_collator=None, eval_dataset=None, optimizers=(None, None), callbacks=None,
+                 peft_config=None):
+        """TRL 1.12's signature, argument for argument. `model` is a causal LM (assembled here, TRL-style) or a ready
+        PolicyAndValue (what the recipe stage builds). `reward_model` is a scalar-head model or a function
+        `(prompts, completions) -> list[float]`. Datasets hold `input_ids` (TRL style, pre-tokenized; `attention_mask`
+        honoured), or a text or conversational `prompt`. `data_collator` is accepted and not needed (prompts are
+        padded here)."""
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required")
+        if ref_model is not None and ref_model is model:
+            raise ValueError("`model` and `ref_model` cannot be the same object: pass a copy, or None with peft_config")
+        if args.push_to_hub and _hub_offline():
+            raise ValueError("push_to_hub=True needs the Hugging Face Hub, and HF_HUB_OFFLINE is set: unset one")
         self.reward_fn = reward_model if callable(reward_model) and not isinstance(reward_model, torch.nn.Module) else None
         if not isinstance(model, PolicyAndValue):
             model = from_trl_args(model, ref_model, None if self.reward_fn else reward_model, value_model, peft_config)
         if self.reward_fn is None and model.reward is None and model.reward_head is None:
             raise ValueError("PPOTrainer needs a reward: pass reward_model (a model or a function)")
         self.tokenizer = processing_class
+        rows = model.policy.get_input_embeddings().num_embeddings
+        if len(processing_class) > rows:  # a pad token added to the tokenizer, not to the model: ids past the table
+            raise ValueError(f"the tokenizer has {len(processing_class)} tokens, the policy's embedding {rows} rows: "
+                             "token ids past the table would crash the rollout. After tokenizer.add_special_tokens, "
+                             "call resize_token_embeddings(len(tokenizer)) on the policy, reference, reward and value "
+                             "models (or reuse an existing token as pad)")
+        if args.stop_token_id is not None:  # TRL 1.12's single stop id joins hfalign's list
+            args.stop_token_ids = list(dict.fromkeys([*(args.stop_token_ids or []), args.stop_token_id]))
         self.stop_ids = stop_token_ids(args, processing_class, model.policy)
         self.generator = HFGenerator(args, processing_class, self.stop_ids)  # the sampling seam (ppo/generation.py)
         super().__init__(model=model, args=args, processing_class=processing_class, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, callbacks=callbacks)
+                         eval_dataset=eval_dataset, callbacks=callbacks, optimizers=optimizers)
         self.prompts = self._encode_all(train_dataset, "train")
         self.eval_prompts = self._encode_all(eval_dataset, "eval") if eval_dataset is not None else []
         self.kl_coef = args.kl_coef
         self.moments = core.RunningMoments()
         self.episode = 0
+        self._note_not_acted_on()
+
+    def _note_not_acted_on(self) -> None:
+        """TRL 1.12 fields this trainer accepts and does not use, said once each when set."""
+        defaults = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+        for name, why in NOT_ACTED_ON.items():
+            if getattr(self.args, name) != defaults[name] and self.args.process_index == 0:
+                print(f"hfalign: PPOConfig.{name}={getattr(self.args, name)!r} is accepted and not used by the trainer: "
+                      f"{why}", flush=True)
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, list):  # conversational: the chat template ends with the assistant's turn opener
@@ -72,9 +100,19 @@ class PPOTrainer(Trainer):
         return self.tokenizer(prompt)["input_ids"]
 
     def _encode_all(self, dataset, name: str) -> list[list[int]]:
-        """Token ids of every prompt; longer than max_prompt_length -> cut on the left (the end of a prompt, where the
-        generation prompt is, is what the policy continues), and said once."""
-        ids = [self._encode(p) for p in dataset["prompt"]]
+        """Token ids of every prompt: TRL-style `input_ids` as they are (where `attention_mask` is 0, dropped), else
+        `prompt` encoded. Longer than max_prompt_length -> cut on the left (the end of a prompt, where the generation
+        prompt is, is what the policy continues), and said once."""
+        columns = getattr(dataset, "column_names", None) or list(dataset[0])
+        if "input_ids" in columns:
+            ids = [list(x) for x in dataset["input_ids"]]
+            if "attention_mask" in columns:
+                ids = [[t for t, m in zip(x, mask) if m] for x, mask in zip(ids, dataset["attention_mask"])]
+        elif "prompt" in columns:
+            ids = [self._encode(p) for p in dataset["prompt"]]
+        else:
+            raise ValueError(f"the {name} dataset needs an 'input_ids' column (token ids, TRL style) or a 'prompt' column "
+                             f"(text or conversation); it has {columns}")
         limit = self.args.max_prompt_length
         cut = sum(len(x) > limit for x in ids) if limit else 0
         if cut and self.args.process_index == 0:
@@ -84,11 +122,12 @@ class PPOTrainer(Trainer):
 
     # -- rollout ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, queries: torch.Tensor, qmask: torch.Tensor, role: str = "policy") -> Rollout:
-        """Sample responses and compute everything PPO needs about them, at the sampling temperature."""
+    def rollout(self, queries: torch.Tensor, qmask: torch.Tensor, role: str = "policy", temperature=None) -> Rollout:
+        """Sample responses and compute everything PPO needs about them, at the sampling temperature (`temperature`:
+        sample at another one, for display only: logprobs stay at the training temperature)."""
         a, model, timing = self.args, self.model_wrapped, {}
         t0 = time.perf_counter()
-        responses = self.generator(model, self.accelerator, queries, qmask, role)
+        responses = self.generator(model, self.accelerator, queries, qmask, role, temperature)
         timing["timing/generate"] = time.perf_counter() - t0
         mask, last, has_eos = core.response_mask(responses, self.stop_ids)
         responses = torch.where(mask.bool(), responses, self.tokenizer.pad_token_id)
@@ -219,6 +258,11 @@ class PPOTrainer(Trainer):
         self.plan = p = plan(a, acc.num_processes, len(self.prompts))
         if plan_problem(p, len(self.prompts)):
             raise ValueError(plan_problem(p, len(self.prompts)))
+        # TRL 1.12's derived fields, filled in as its trainer did (hfalign's meaning: README "Migrating from TRL 1.12")
+        a.num_total_batches = p.num_updates  # (world_size is TrainingArguments' property: the process count)
+        a.micro_batch_size, a.local_batch_size, a.batch_size = p.micro_batch * p.world_size, p.rollout_batch, p.global_rollout_batch
+        a.local_mini_batch_size, a.mini_batch_size = p.mini_batch, p.mini_batch * p.world_size
+        sample_every = max(1, p.num_updates // a.num_sample_generations) if a.num_sample_generations > 0 else 0
         self.state = TrainerState(stateful_callbacks=[cb for cb in [*self.callback_handler.callbacks, self.control]
                                                       if isinstance(cb, ExportableState)])
         self.state.max_steps, self.state.logging_steps, self.state.save_steps = p.num_updates, a.logging_steps, a.save_steps
@@ -256,6 +300,8 @@ class PPOTrainer(Trainer):
                 self._save_checkpoint(self.model, trial=None)
                 self.control = self.callback_handler.on_save(a, self.state, self.control)
             guards.act(self, tripped)
+            if sample_every and (self.state.global_step - 1) % sample_every == 0:  # TRL 1.12's num_sample_generations
+                self.generate_completions(sampling=True)
             if self.control.should_training_stop:
                 break
         self.control = self.callback_handler.on_train_end(a, self.state, self.control)
@@ -372,6 +418,40 @@ class PPOTrainer(Trainer):
 
     # -- summary ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
+    def generate_completions(self, sampling: bool = False) -> list[dict]:
+        """TRL 1.12's: the policy's completions of the eval prompts, near-greedy (temperature 0.01, as TRL), scored;
+        seeded with args.seed (the training's random stream is left as it was); returns the rows {query,
+        model response, score}, prints the first five, appends them to
+        output_dir/completions.jsonl (with the step) and sends them to trackers that show tables. `sampling`: only
+        the first batch of per_device_eval_batch_size prompts. No eval set: nothing (as TRL)."""
+        from hfalign.callback_types import to_trackers
+
+        if not self.eval_prompts:
+            return []
+        prompts = self.eval_prompts[:self.args.per_device_eval_batch_size] if sampling else self.eval_prompts
+        rows = []
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # seeded, so repeatable; training's random stream untouched
+            torch.manual_seed(self.args.seed)
+            for i in range(0, len(prompts), self.args.local_rollout_forward_batch_size):
+                q, m = left_pad(prompts[i:i + self.args.local_rollout_forward_batch_size], self.tokenizer.pad_token_id)
+                r = self.rollout(q.to(self.accelerator.device), m.to(self.accelerator.device), temperature=0.01 + 1e-7)
+                for query, response, score in zip(self.tokenizer.batch_decode(q, skip_special_tokens=True),
+                                                  self.tokenizer.batch_decode(r.responses, skip_special_tokens=True),
+                                                  r.scores.tolist()):
+                    rows.append({"query": query, "model response": response, "score": score})
+        if self.is_world_process_zero():
+            print("\n".join([f"hfalign completions (step {self.state.global_step}):",
+                             *(f"  {row['query']!r} -> {row['model response']!r}  score {row['score']:.3f}" for row in rows[:5])]),
+                  flush=True)
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, "completions.jsonl"), "a", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps({"step": self.state.global_step, **row}) + "\n")
+            to_trackers(rows, self.state.global_step, self.callback_handler.callbacks)
+        return rows
+
+    @torch.no_grad()
     def sample(self, role: str, num_prompts: int) -> dict:
         """Completions of the held-out prompts (in order, from the first again while more are asked for than there are)
         from the policy or the reference, with scores and KL to the reference."""
@@ -390,3 +470,9 @@ class PPOTrainer(Trainer):
             out["has_eos"] += r.has_eos.tolist()
         return out
 
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
