@@ -6,7 +6,7 @@ from __future__ import annotations
 from helpers import PYTHON, ROOT, run
 
 NOISE = ("Writing model shards", "Loading weights", "gemm_4bit_forward", "pin_memory", "Setting accelerator to CPU",
-         "gradient_checkpointing` is deprecated", "Tokenizing train dataset")
+         "gradient_checkpointing` is deprecated", "Tokenizing train dataset", "mtime may not be reliable")
 
 
 def test_a_run_prints_no_library_noise(tiny_model, tmp_path):
@@ -26,6 +26,18 @@ def test_a_run_prints_no_library_noise(tiny_model, tmp_path):
                 "train.eval_strategy=no", "train.save_steps=2"])
     console = proc.stdout + proc.stderr
     assert "[step 2/2 100% eta 0s]" in console and "LOAD REPORT" not in console
+    assert [n for n in NOISE if n in console] == []
+
+
+def test_a_ppo_run_prints_no_library_noise(pipeline, tmp_path):
+    """The PPO stage too (DeepSpeed import, bitsandbytes, the Trainer's saves): header, plan, one line per update."""
+    proc = run([PYTHON, "-m", "hfalign", "train", str(ROOT / "recipes/ppo.yaml"), f"output_dir={tmp_path / 'ppo'}",
+                f"model.name_or_path={pipeline['sft']}", f"reward.model={pipeline['rm']}",
+                f"data.train={ROOT / 'data/ppo_prompts.jsonl'}", f"data.eval={ROOT / 'data/ppo_eval_prompts.jsonl'}",
+                "train.total_episodes=96", "train.num_eval_prompts=8", "train.save_steps=1", "train.save_total_limit=1"])
+    console = proc.stdout + proc.stderr  # (saving every update with a limit of 1: checkpoint rotation runs too)
+    assert "hfalign ppo | recipe " in console and "hfalign ppo plan: " in console and "[step 3/3 100% eta 0s]" in console
+    assert "hfalign ppo summary" in console and "hfalign: report " in console
     assert [n for n in NOISE if n in console] == []
 
 

@@ -268,6 +268,9 @@ def test_trl_mistakes_get_trl_errors(hub, tmp_path):
     with pytest.raises(ValueError, match=r"'input_ids' column .* or a 'prompt' column"):
         PPOTrainer(args, tok, policy, None, reward, load_dataset(hub["zen"])["train"].rename_column("prompt", "q"),
                    peft_config=LoraConfig(r=4, task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match="push_to_hub=True needs the Hugging Face Hub, and HF_HUB_OFFLINE is set"):
+        PPOTrainer(PPOConfig(output_dir=str(tmp_path), report_to="none", push_to_hub=True), tok, policy, None, reward,
+                   load_dataset(hub["zen"])["train"], peft_config=LoraConfig(r=4, task_type="CAUSAL_LM"))
     tok.add_special_tokens({"additional_special_tokens": [f"<x{i}>" for i in range(80)]})  # past the spare rows
     with pytest.raises(ValueError, match=r"embedding .* rows.*resize_token_embeddings"):
         PPOTrainer(args, tok, AutoModelForCausalLM.from_pretrained(causal), None, reward,

@@ -17,6 +17,9 @@ LOG_NOISE = (
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
     # DeepSpeed says at import that it found no GPU; on a CPU machine that is expected
     ("DeepSpeed", "Setting accelerator to CPU"),
+    # Trainer's checkpoint rotation on filesystems with coarse mtimes (tmpfs, overlays): it then sorts by step number,
+    # which is what hfalign's run directory does anyway
+    ("transformers.trainer_utils", "mtime may not be reliable on this filesystem"),
 )
 # (category, message regex): Python warnings ignored
 WARNING_NOISE = (
