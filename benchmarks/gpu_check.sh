@@ -6,12 +6,15 @@
 #                                        memory case, then hfalign alone on the 0.7B benchmark
 #   bash benchmarks/gpu_check.sh lora    carry .whl and .bnb: recipes/lora and its -qlora variant (bf16 compute, CUDA
 #                                        4-bit kernels) end to end on the pretrained tiny base; does LoRA learn there?
+#   bash benchmarks/gpu_check.sh trl     carry .whl and .trl112: TRL 1.12 vs hfalign with TRL's settings on the default
+#                                        pipeline (benchmarks/trl_parity.py), then TRL's ppo.py example (one import
+#                                        changed) on the tiny model, on the GPU
 # One log per check under $OUT (at most 8 files come back).
 set -u
 OUT=${OUT:-/tmp/hfalign-gpu}; mkdir -p "$OUT"
 part=${1:-main}
 python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl
-[ "$part" != main ] && python3 -m pip install -q --no-index --no-deps --no-compile --target .site .bnb/*.whl
+[ "$part" = qlora ] || [ "$part" = lora ] && python3 -m pip install -q --no-index --no-deps --no-compile --target .site .bnb/*.whl
 export PYTHONPATH=$PWD/.site:$PWD/src DS_ACCELERATOR=cuda HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 [ -d models/tiny-llama ] || python3 -m hfalign build-tiny models/tiny-llama > "$OUT/0-build.log" 2>&1
 if [ "$part" = main ]; then
@@ -31,6 +34,16 @@ if [ "$part" = main ]; then
   timeout 120 python3 -m accelerate.commands.launch --config_file accelerate_configs/zero3.yaml --num_processes 1 \
     --mixed_precision bf16 -m hfalign recipes/ppo.yaml output_dir=/tmp/z3 train.total_episodes=128 \
     > "$OUT/5-zero3-bf16.log" 2>&1
+elif [ "$part" = trl ]; then
+  for s in sft rm; do timeout 120 python3 -m hfalign "recipes/$s.yaml" >> "$OUT/8-pipeline.log" 2>&1; done
+  timeout 200 python3 benchmarks/trl_parity.py --trl-path .trl112 --episodes 1280 > "$OUT/8-trl-parity.log" 2>&1
+  python3 -m hfalign build-tiny /tmp/qwen --family qwen2 > /dev/null 2>&1  # spare embedding rows: ppo.py adds [PAD]
+  python3 -c "from transformers import AutoModelForSequenceClassification as A, AutoTokenizer as T; m = A.from_pretrained('/tmp/qwen', num_labels=1); m.config.pad_token_id = T.from_pretrained('/tmp/qwen').pad_token_id; m.save_pretrained('/tmp/qwen-rm')" > /dev/null 2>&1
+  mkdir -p /tmp/desc/data && python3 -c "import json; rows = [json.loads(l) for l in open('data/ppo_prompts.jsonl')]; open('/tmp/desc/data/descriptiveness-00000-of-00001.jsonl', 'w').writelines(json.dumps(r) + '\\n' for r in rows)"
+  timeout 150 python3 tests/trl_examples/ppo.py --dataset_name /tmp/desc --dataset_train_split descriptiveness \
+    --output_dir /tmp/trl-example --per_device_train_batch_size 4 --total_episodes 16 --model_name_or_path /tmp/qwen \
+    --sft_model_path /tmp/qwen --reward_model_path /tmp/qwen-rm --missing_eos_penalty 1.0 --response_length 16 \
+    --bf16 true --report_to none > "$OUT/9-trl-example.log" 2>&1
 elif [ "$part" = lora ]; then
   python3 -m hfalign build-tiny models/tiny-llama-base --pretrain 300 > "$OUT/0-build.log" 2>&1
   for v in "" -qlora; do

@@ -120,6 +120,7 @@ def report(ours: list[dict], theirs: list[dict]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--episodes", type=int, default=640)
+    p.add_argument("--trl-path", help="a directory holding trl==1.12.0 (default: install it on demand)")
     p.add_argument("--worker", nargs="*")
     a = p.parse_args()
     if a.worker:
@@ -130,7 +131,7 @@ def main() -> None:
 
     sft, rm = ensure_pipeline()
     print(f"== parity: {a.episodes} episodes, settings {SETTINGS} (+ TRL 1.12's defaults on hfalign's side)")
-    trl_dir = trl112_path()
+    trl_dir = a.trl_path or trl112_path()
     if trl_dir is None:
         print("  TRL 1.12 cannot be had here: nothing to compare")
         return
