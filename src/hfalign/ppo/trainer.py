@@ -471,7 +471,6 @@ class PPOTrainer(Trainer):
         return out
 
 
-
 def _hub_offline() -> bool:
     from huggingface_hub import constants
 
