@@ -165,7 +165,11 @@ def test_validate_imports_no_trainer_library(write_recipe, sft_recipe, tmp_path)
     code = ("import sys; from hfalign.cli import _run; _run(['validate', sys.argv[1]]); "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'trl', 'peft', 'datasets'}))")
     env = {"HFALIGN_CACHE_DIR": str(tmp_path / "cache")}
-    for recipe in (write_recipe(sft_recipe), ROOT / "recipes/ppo.yaml", ROOT / "recipes/lora/rm.yaml"):
+    ppo = {**sft_recipe, "stage": "ppo", "data": {"train": str(ROOT / "data/ppo_prompts.jsonl")},
+           "reward": {"function": "hfalign.demo.task:positivity_reward"}, "train": {"per_device_train_batch_size": 8},
+           "callbacks": ["metrics", {"name": "kl_guard", "max_kl": 10}]}
+    rm = {**sft_recipe, "stage": "rm", "data": {"train": str(ROOT / "data/rm_train.jsonl")}, "lora": {"enabled": True}}
+    for recipe in (write_recipe(sft_recipe), write_recipe(ppo, "ppo.yaml"), write_recipe(rm, "rm.yaml")):
         run([PYTHON, "-c", code, str(recipe)], env=env)  # the first run of a version set reads the classes
         assert run([PYTHON, "-c", code, str(recipe)], env=env).stdout.splitlines()[-1] == "[]", recipe
     assert len(list((tmp_path / "cache").glob("train-fields-*.json"))) == 1
