@@ -299,6 +299,25 @@ def test_example_ppo_script(hub, tmp_path, peft):
     assert "hfalign completions" in proc.stdout and "sft_model_path" in proc.stdout  # the not-acted-on note
 
 
+def test_example_ppo_script_under_zero3_two_processes(hub, tmp_path):
+    """TRL's second documented command: `accelerate launch --config_file .../deepspeed_zero3.yaml ppo.py`, here with
+    hfalign's zero3.yaml and 2 CPU processes (PPOConfig picks gloo on CPU, as the recipe path does)."""
+    from transformers import AutoModelForCausalLM as Causal
+
+    causal, classifier = hub["qwen2"]
+    out = tmp_path / "z3"
+    run([PYTHON, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs/zero3.yaml"),
+         "--num_processes", "2", "--main_process_port", "29561", str(ROOT / "tests/trl_examples/ppo.py"),
+         "--dataset_name", hub["descriptiveness"], "--dataset_train_split", "descriptiveness", "--output_dir", str(out),
+         "--per_device_train_batch_size", "4", "--total_episodes", "16", "--model_name_or_path", causal,
+         "--sft_model_path", causal, "--reward_model_path", classifier, "--missing_eos_penalty", "1.0",
+         "--response_length", "16", "--local_rollout_forward_batch_size", "4", "--report_to", "none"],
+        env={"HF_HUB_OFFLINE": "1"})
+    saved, start = Causal.from_pretrained(out), Causal.from_pretrained(causal)
+    assert any(not torch.equal(a, b) for a, b in zip(saved.parameters(), start.parameters()))  # full weights, trained
+    assert len((out / "completions.jsonl").read_text().splitlines()) == 100  # written once, by the main process
+
+
 def test_example_ppo_tldr_script(hub, tmp_path):
     """examples/scripts/ppo/ppo_tldr.py (stop_token eos, eval_strategy steps, an eval split), on the tiny LLaMA."""
     causal, classifier = hub["llama"]

@@ -5,6 +5,7 @@ import: validation uses it)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -77,6 +78,16 @@ class PPOConfig(TrainingArguments):
     local_mini_batch_size: int | None = field(default=None, metadata={"help": "Filled in by the trainer: prompts per optimizer step per process."})
     mini_batch_size: int | None = field(default=None, metadata={"help": "Filled in by the trainer: prompts per optimizer step, all processes."})
 
+
+    def __post_init__(self):
+        # Launched on CPU with several processes (accelerate launch, DeepSpeed): without gloo, accelerate and DeepSpeed
+        # see world_size 1 and DeepSpeed's batch assert fires. The recipe path sets it in trainargs.build; a TRL-style
+        # script constructs PPOConfig itself, so the default is decided here too.
+        import torch
+
+        if self.ddp_backend is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            self.ddp_backend = "gloo"
+        super().__post_init__()
 
 # TRL 1.12's PPOConfig defaults where hfalign's differ (README "PPO defaults" says why): PPOConfig(**TRL_1_12_DEFAULTS,
 # ...) runs TRL 1.12's PPO settings on hfalign's trainer (benchmarks/trl_parity.py does).
