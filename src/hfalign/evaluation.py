@@ -40,7 +40,7 @@ def evaluate(runs: list[str], data: str | None = None, prompts: int | None = Non
     for run in runs:
         work = Path(tempfile.mkdtemp(prefix="hfalign-eval-"))  # the trainer's output_dir: the run stays untouched
         try:
-            rows += _evaluate_run(Path(run), resolved[run]["stage"], work, data, prompts)
+            rows += _evaluate_run(Path(run), resolved[run], work, data, prompts)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return rows
@@ -56,12 +56,13 @@ def _checked(run: Path, work: Path, data: str | None, extra: list[str]):
     return preflight.check(recipe.load(run / "recipe.resolved.yaml", overrides))
 
 
-def _evaluate_run(run: Path, stage_name: str, work: Path, data: str | None, prompts: int | None) -> list[dict]:
+def _evaluate_run(run: Path, resolved: dict, work: Path, data: str | None, prompts: int | None) -> list[dict]:
     from transformers import set_seed
 
     from hfalign import data as data_mod
     from hfalign import models, stages, trainargs
 
+    stage_name = resolved["stage"]
     extra = [f"train.num_eval_prompts={prompts}"] if prompts and stage_name == "ppo" else []
     checked = _checked(run, work, data, extra)
     r, stage = checked.recipe, stages.get(stage_name)
@@ -70,21 +71,20 @@ def _evaluate_run(run: Path, stage_name: str, work: Path, data: str | None, prom
     train_set, eval_set = data_mod.load(r.data, r.stage, stage.FORMATS, checked.rows)
     set_seed(args.seed)
     if stage_name == "rm":
-        return [_evaluate_rm(run, r, args, tokenizer, eval_set)]
+        return [_evaluate_rm(run, resolved, r, args, tokenizer, eval_set)]
     return _evaluate_ppo(run, r, args, tokenizer, train_set, eval_set)
 
 
-def _evaluate_rm(run: Path, r, args, tokenizer, eval_set) -> dict:
+def _evaluate_rm(run: Path, resolved: dict, r, args, tokenizer, eval_set) -> dict:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import RewardTrainer
 
     from hfalign.export import load_run_model
-    from hfalign.rundir import read_run
 
     if eval_set is None:
         raise UserError(f"{run} was trained without an eval set, so there is no preference file to measure on.",
                         fix="give one: hfalign eval RUN --data pairs.jsonl (rows: prompt, chosen, rejected)")
-    model = load_run_model(run, read_run(run), tokenizer)  # full, or base + SFT adapter + reward adapter, merged
+    model = load_run_model(run, resolved, tokenizer)  # full, or base + SFT adapter + reward adapter, merged
     # (TRL requires a train set; the eval set stands in, nothing trains)
     trainer = RewardTrainer(model=model, args=args, train_dataset=eval_set, eval_dataset=eval_set,
                             processing_class=tokenizer)
