@@ -212,6 +212,36 @@ def test_early_stop_on_approx_kl(pipeline, tmp_path):
     assert log["train/optimizer_steps"] == 2  # one epoch of 2 minibatches, then approx-KL > 1e-12 stops the rest
 
 
+def test_adaptive_lr_undoes_a_step_that_moved_the_policy_too_far(pipeline, tmp_path):
+    """The trust region of adaptive_lr: the step after which the measured approx-KL exceeds early_stop_kl is undone
+    (weights and optimizer state back as before it), the update ends there and the learning rate is halved."""
+    trainer = api_trainer(pipeline, tmp_path, adaptive_lr=True, early_stop_kl=1e-12, num_ppo_epochs=4,
+                          num_mini_batches=2, total_episodes=16, learning_rate=1e-2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    (log,) = logged(trainer)
+    assert log["train/optimizer_steps"] == 0 and log["train/rejected_steps"] == 1
+    assert trainer.lr_scale == log["train/lr_scale"] == 0.5
+    assert trainer.lr_scheduler.base_lrs == [pytest.approx(0.5e-2)] * len(trainer.lr_scheduler.base_lrs)
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
+    assert all(not s for s in trainer.optimizer.state.values())  # Adam's moments as before the step: none yet
+
+
+def test_adaptive_lr_follows_the_measured_kl(pipeline, tmp_path):
+    """Steps that move the policy less than half the target raise the rate (up to the configured one), more than twice
+    the target lower it; the rate stays within [0.01, 1] x the configured one."""
+    low = api_trainer(pipeline, tmp_path, adaptive_lr=True, adaptive_lr_target=1e-9, early_stop_kl=None,
+                      learning_rate=1e-3)
+    low.train()
+    # 2 updates of 4 steps: each update's first minibatch measures the rollout's own weights (no change), the 3 after
+    # it far above 2e-9 (/ 1.5 each)
+    assert low.lr_scale == pytest.approx(1.5 ** -6)
+    assert all(h["train/rejected_steps"] == 0 for h in logged(low))
+    high = api_trainer(pipeline, tmp_path, adaptive_lr=True, adaptive_lr_target=10.0, learning_rate=1e-3)
+    high.train()
+    assert high.lr_scale == 1.0
+
+
 def test_score_shaping(pipeline, tmp_path):
     trainer = api_trainer(pipeline, tmp_path, missing_eos_penalty=2.0, score_clip=1.5, normalize_scores=False)
     shaped = trainer.shape_scores(torch.tensor([0.5, 3.0, 0.5]), torch.tensor([True, True, False]))

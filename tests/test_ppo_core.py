@@ -104,6 +104,15 @@ def test_adaptive_kl_coef():
     assert core.adaptive_kl_coef(0.1, 3.0, 6.0, 10000, 64) == pytest.approx(0.1 * (1 - 0.2 * 64 / 10000))
 
 
+def test_adaptive_lr_scale():
+    # target 0.01: above 0.02 -> / 1.5; below 0.005 -> x 1.5 (capped at the configured rate); between: unchanged
+    assert core.adaptive_lr_scale(0.9, 0.05, 0.01) == pytest.approx(0.6)
+    assert core.adaptive_lr_scale(0.4, 0.001, 0.01) == pytest.approx(0.6)
+    assert core.adaptive_lr_scale(0.8, 0.001, 0.01) == 1.0
+    assert core.adaptive_lr_scale(0.5, 0.01, 0.01) == 0.5
+    assert core.adaptive_lr_scale(0.012, 1.0, 0.01) == 0.01  # floor: 1% of the configured rate
+
+
 def test_position_ids_skip_left_padding():
     assert core.position_ids(T([[0, 0, 1, 1], [1, 1, 1, 1]])).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
 

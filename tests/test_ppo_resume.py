@@ -29,7 +29,8 @@ def trainer(pipeline, out, callbacks=None) -> PPOTrainer:
     tok = AutoTokenizer.from_pretrained(pipeline["sft"], padding_side="left")
     args = PPOConfig(output_dir=str(out), per_device_train_batch_size=8, num_mini_batches=2, num_ppo_epochs=2,
                      total_episodes=64, response_length=12, report_to="none", save_steps=2, seed=3, learning_rate=1e-3,
-                     adaptive_kl=True, kl_horizon=100, normalize_scores=True, lr_scheduler_type="cosine")
+                     adaptive_kl=True, kl_horizon=100, normalize_scores=True, lr_scheduler_type="cosine",
+                     adaptive_lr=True, adaptive_lr_target=1e-4)  # the lr controller's state travels too
     return PPOTrainer(args=args, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(pipeline["sft"]),
                       reward_model=AutoModelForSequenceClassification.from_pretrained(pipeline["rm"]),
                       value_model=AutoModelForSequenceClassification.from_pretrained(pipeline["rm"]),
@@ -42,7 +43,7 @@ def trainable(t: PPOTrainer) -> dict:
 
 
 def test_stopped_and_resumed_run_equals_the_uninterrupted_one(pipeline, tmp_path):
-    """Policy AND critic weights, optimizer step, lr, KL coefficient, score statistics, episode counter and every
+    """Policy AND critic weights, optimizer step, lr (and adaptive_lr's scale), KL coefficient, score statistics, episode counter and every
     metric line: the same, whether or not the run was interrupted after its checkpoint at update 2."""
     whole = trainer(pipeline, tmp_path / "whole")
     whole.train()
@@ -59,6 +60,7 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(pipeline, tmp_path
     opt_a, opt_b = whole.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
     assert {int(s["step"]) for s in opt_a.values()} == {int(s["step"]) for s in opt_b.values()} == {16}
     assert whole.lr_scheduler.get_last_lr() == second.lr_scheduler.get_last_lr()
+    assert whole.lr_scale == pytest.approx(second.lr_scale) and whole.lr_scale < 1
     assert whole.kl_coef == pytest.approx(second.kl_coef) and whole.kl_coef != 0.05
     assert whole.moments.state() == pytest.approx(second.moments.state())
     assert whole.episode == second.episode == 64

@@ -56,6 +56,8 @@ class PPOConfig(TrainingArguments):
     vf_coef: float = field(default=0.1, metadata={"help": "Value loss coefficient."})
     entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus coefficient."})
     early_stop_kl: float | None = field(default=0.02, metadata={"help": "Stop a batch's PPO epochs once their mean approx-KL exceeds this (seen as fewer train/optimizer_steps): a safety net against one bad batch moving the policy far (Spinning Up stops at 1.5 x 0.01). Healthy updates stay near 1e-3. null: never. TRL 1.12: never."})
+    adaptive_lr: bool | None = field(default=None, metadata={"help": "A trust region on the measured approx-KL: every minibatch's forward measures how far the update's steps so far moved the policy from the one that sampled the rollout. Past early_stop_kl, the last optimizer step is undone (weights and optimizer state; not under DeepSpeed, whose engine owns them), the update ends and the learning rate is halved; otherwise the rate follows rl_games' adaptive schedule (/ 1.5 above 2 x adaptive_lr_target, x 1.5 below half of it, within 1%..100% of the configured rate, checkpointed). null: on when the policy trains a LoRA adapter (a single LoRA step can move near-certain tokens by several nats: its learning rate was a knife edge), off for full fine-tuning. TRL 1.12: no."})
+    adaptive_lr_target: float = field(default=0.01, metadata={"help": "The approx-KL per optimizer step adaptive_lr steers to (healthy updates here measure 1e-3..1e-2)."})
     value_warmup_updates: int = field(default=0, metadata={"help": "Critic warm-up: for the first N updates only the value loss trains (the policy stays as it is)."})
 
     # Evaluation
@@ -93,7 +95,7 @@ class PPOConfig(TrainingArguments):
 # ...) runs TRL 1.12's PPO settings on hfalign's trainer (benchmarks/trl_parity.py does).
 TRL_1_12_DEFAULTS = {"kl_coef": 0.05, "adaptive_kl": False, "normalize_scores": False, "early_stop_kl": None,
                      "missing_eos_penalty": None, "max_prompt_length": None, "logging_steps": 10, "save_steps": 500,
-                     "num_sample_generations": 10}
+                     "num_sample_generations": 10, "adaptive_lr": False}
 
 # Fields TRL's example scripts or models read, which hfalign's trainer does not act on: a one-time note when set.
 NOT_ACTED_ON = {"model_adapter_name": "the policy adapter is 'default'",

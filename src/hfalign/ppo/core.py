@@ -219,6 +219,19 @@ def adaptive_kl_coef(coef: float, current_kl: float, target: float, horizon: int
     return coef * (1.0 + error * n_steps / horizon)
 
 
+def adaptive_lr_scale(scale: float, approx_kl: float, target: float, step: float = 1.5, low: float = 0.01,
+                      high: float = 1.0) -> float:
+    """The adaptive learning rate of rl_games / Isaac Gym PPO, on the approx-KL measured after each optimizer step:
+    above 2 x target the learning rate is divided by `step`, below target / 2 multiplied by it, within
+    [low, high] x the configured one. The step size follows how far an update actually moves the policy, not a
+    constant guessed for one model."""
+    if approx_kl > 2.0 * target:
+        scale /= step
+    elif approx_kl < 0.5 * target:
+        scale *= step
+    return min(max(scale, low), high)
+
+
 class RunningMoments:
     """Running mean and std of scores (Chan et al. parallel update), for reward normalisation; checkpointable."""
 

@@ -83,6 +83,8 @@ def restore(trainer, checkpoint: str, kl_factor: float = 1.0, lr_factor: float =
         saved = json.load(f)
     trainer.kl_coef = max(saved["kl_coef"], old_kl) * kl_factor  # repeated rollbacks keep raising it
     trainer.moments = core.RunningMoments(**saved["moments"])
+    if trainer.is_deepspeed_enabled:  # its scheduler came back with the checkpoint's rates: so does adaptive_lr's scale
+        trainer.lr_scale = saved.get("lr_scale", trainer.lr_scale)
     if lr_factor != 1.0:
         for group in trainer.optimizer.param_groups:
             group["lr"] *= lr_factor

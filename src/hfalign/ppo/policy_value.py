@@ -75,6 +75,11 @@ class PolicyAndValue(nn.Module):
         self.config = getattr(policy, "config", None)  # Trainer and accelerate read model.config
 
     @property
+    def policy_is_adapter(self) -> bool:
+        """Does the policy train a PEFT adapter (LoRA, QLoRA) rather than its full weights?"""
+        return hasattr(self.policy, "peft_config")
+
+    @property
     def value_model(self):
         """TRL 1.12's name for the critic (`trainer.model.value_model`): the critic model; None on a shared base, where
         the critic is the policy's 'value' adapter plus `value_head`."""

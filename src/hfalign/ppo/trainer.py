@@ -67,7 +67,8 @@ class PPOTrainer(Trainer):
         if self.reward_fn is None and model.reward is None and model.reward_head is None:
             raise ValueError("PPOTrainer needs a reward: pass reward_model (a model or a function)")
         self.tokenizer = processing_class
-        rows = model.policy.get_input_embeddings().num_embeddings
+        embedding = model.policy.get_input_embeddings()  # under PEFT's wrapper when the adapter trains token rows
+        rows = getattr(getattr(embedding, "token_adapter", None), "base_layer", embedding).num_embeddings
         if len(processing_class) > rows:  # a pad token added to the tokenizer, not to the model: ids past the table
             raise ValueError(f"the tokenizer has {len(processing_class)} tokens, the policy's embedding {rows} rows: "
                              "token ids past the table would crash the rollout. After tokenizer.add_special_tokens, "
@@ -84,6 +85,8 @@ class PPOTrainer(Trainer):
         self.kl_coef = args.kl_coef
         self.moments = core.RunningMoments()
         self.episode = 0
+        self.lr_scale = 1.0  # the adaptive-lr controller's factor on the configured learning rate (and its schedule)
+        self.adaptive_lr = args.adaptive_lr if args.adaptive_lr is not None else model.policy_is_adapter
         self._note_not_acted_on()
 
     def _note_not_acted_on(self) -> None:
@@ -188,9 +191,14 @@ class PPOTrainer(Trainer):
     # -- update ----------------------------------------------------------------------------------------------------
     def ppo_update(self, r: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> tuple[dict, int]:
         """num_ppo_epochs x num_mini_batches optimizer steps, each over gradient_accumulation_steps micro-batches.
-        Returns (mean stats, optimizer steps taken), counted explicitly (TRL 1.12 miscounted: PPO_NOTES #12)."""
+        Returns (mean stats, optimizer steps taken), counted explicitly (TRL 1.12 miscounted: PPO_NOTES #12).
+
+        With adaptive_lr, every minibatch's forward measures how far the steps so far moved the policy (approx-KL to
+        the rollout's): past early_stop_kl, the last step is undone (weights and optimizer state) and the update
+        ends; otherwise the measurement sets the next step's learning rate (core.adaptive_lr_scale)."""
         a, p, acc, model = self.args, self.plan, self.accelerator, self.model_wrapped
-        stats, steps = defaultdict(list), 0
+        stats, steps, undo, limit = defaultdict(list), 0, None, a.early_stop_kl
+        rejected = 0
         model.train()
         for _ in range(a.num_ppo_epochs):
             order = torch.randperm(p.rollout_batch)
@@ -207,6 +215,14 @@ class PPOTrainer(Trainer):
                     for k, v in stat.items():
                         stats[k].append(v)
                     epoch_kl.append(stat["policy/approxkl_avg"])
+                if self.adaptive_lr:  # one sync per optimizer step
+                    moved = self._mean(torch.stack(epoch_kl[-len(micro_starts):]).mean())
+                    if undo is not None and limit is not None and moved > limit:
+                        rejected += self._undo_step(undo)
+                        break
+                    if steps:  # the update's first minibatch measures the rollout's own weights (KL 0): no evidence
+                        self.scale_lr(core.adaptive_lr_scale(self.lr_scale, moved, a.adaptive_lr_target) / self.lr_scale)
+                    undo = self._step_snapshot()
                 if a.max_grad_norm:
                     acc.clip_grad_norm_(model.parameters(), a.max_grad_norm)
                 self.optimizer.step()
@@ -214,10 +230,44 @@ class PPOTrainer(Trainer):
                     self.lr_scheduler.step()
                 self.optimizer.zero_grad()
                 steps += 1
-            if a.early_stop_kl is not None and self._mean(torch.stack(epoch_kl).mean()) > a.early_stop_kl:
+            if rejected or (limit is not None and self._mean(torch.stack(epoch_kl).mean()) > limit):
                 break
+        if undo is not None and not rejected and limit is not None and self._probe_kl(r) > limit:  # the last step
+            rejected += self._undo_step(undo)
         model.eval()
-        return {k: torch.stack(v).mean() for k, v in stats.items()}, steps
+        means = {k: torch.stack(v).mean() for k, v in stats.items()}
+        if self.adaptive_lr:
+            means["train/rejected_steps"] = torch.tensor(float(rejected))
+        return means, steps - rejected
+
+    def _step_snapshot(self) -> dict | None:
+        """The trainable weights and optimizer state before a step, to undo it (None under DeepSpeed, whose engine
+        owns both: there only the learning-rate control acts)."""
+        if self.is_deepspeed_enabled:
+            return None
+        params = [q for q in self.model.parameters() if q.requires_grad]
+        state = {id(q): {k: v.clone() if torch.is_tensor(v) else v for k, v in self.optimizer.state[q].items()}
+                 for q in params if q in self.optimizer.state}
+        return {"params": [(q, q.detach().clone()) for q in params], "state": state}
+
+    def _undo_step(self, snapshot: dict) -> int:
+        """Back to the snapshot's weights and optimizer state, gradients dropped, the learning rate halved."""
+        with torch.no_grad():
+            for q, saved in snapshot["params"]:
+                q.copy_(saved)
+                if q in self.optimizer.state:
+                    self.optimizer.state[q] = snapshot["state"].get(id(q), {})
+        self.optimizer.zero_grad()
+        self.scale_lr(max(0.5, 0.01 / self.lr_scale))
+        return 1
+
+    @torch.no_grad()
+    def _probe_kl(self, r: Rollout) -> float:
+        """approx-KL of the current policy to the rollout's on one micro-batch (after an update's last step)."""
+        idx = torch.arange(min(self.plan.micro_batch, len(r.full)))
+        logits, _ = self.model_wrapped(r.full[idx], r.attn[idx], r.pos[idx], mode="train", logits_to_keep=r.mask.shape[1] + 1)
+        new = core.logprobs_from_logits(logits[:, :-1], r.responses[idx], self.args.temperature)
+        return self._mean(0.5 * core.masked_mean((new - r.logprobs[idx]) ** 2, r.mask[idx]))
 
     def _micro_step(self, model, r: Rollout, idx: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
         """Forward and backward of one micro-batch; the loss is divided by the accumulation steps. Stats stay on the
@@ -291,7 +341,7 @@ class PPOTrainer(Trainer):
             self.state.epoch = self.episode / max(1, len(self.prompts))
             eps = (self.episode - start_episode) / (time.perf_counter() - start)  # this process's run, not a resumed one's
             metrics.update({"eps": eps, "episode": self.episode,
-                            "lr": self.lr_scheduler.get_last_lr()[0]})
+                            "lr": self.lr_scheduler.get_last_lr()[0], "train/lr_scale": self.lr_scale})
             self.control = self.callback_handler.on_step_end(a, self.state, self.control)
             tripped = guards.check(self, metrics)  # may ask to stop (and save) or to skip this save for a rollback
             if self.control.should_log:
@@ -362,6 +412,16 @@ class PPOTrainer(Trainer):
             cb.on_rollout(self.args, self.state, self.control, samples=samples,
                           callbacks=self.callback_handler.callbacks)  # the trackers, for tables
 
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the learning rate now and its schedule from here on (the scheduler's base rates) by `factor`; both
+        are saved with a checkpoint, so a resumed run goes on at the same rate."""
+        if factor == 1.0:
+            return
+        self.lr_scale *= factor
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+        self.lr_scheduler.base_lrs = [lr * factor for lr in self.lr_scheduler.base_lrs]
+
     # -- checkpoints and saving ------------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
         """PPO's own state first: Trainer writes trainer_state.json last, and that file is what marks a checkpoint
@@ -370,7 +430,8 @@ class PPOTrainer(Trainer):
             path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", PPO_STATE)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
-                json.dump({"kl_coef": self.kl_coef, "episode": self.episode, "moments": self.moments.state()}, f)
+                json.dump({"kl_coef": self.kl_coef, "episode": self.episode, "moments": self.moments.state(),
+                           "lr_scale": self.lr_scale}, f)
         super()._save_checkpoint(model, trial)
 
     def _resume(self, checkpoint: str) -> None:
@@ -382,6 +443,7 @@ class PPOTrainer(Trainer):
             saved = json.load(f)
         self.kl_coef, self.episode = saved["kl_coef"], saved["episode"]
         self.moments = core.RunningMoments(**saved["moments"])
+        self.lr_scale = saved.get("lr_scale", 1.0)  # the scaled rate itself comes back with optimizer and scheduler
         self._load_rng_state(checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
