@@ -104,6 +104,18 @@ def test_qlora_4bit_nf4_trains_adapter(tiny_model):
     assert changed, "no LoRA parameter changed"
 
 
+def test_4bit_kernel_check_passes_here_and_catches_the_repack_path():
+    """prepare_quantized checks bitsandbytes' CPU 4-bit paths against the dequantized layer before QLoRA trains on
+    them; without hfalign's fix the repack path (AVX512-BF16 CPUs) has no autograd and the check refuses it."""
+    assert models.check_4bit_kernels() < 1e-4
+    try:
+        err = models.check_4bit_kernels(keep_layout=False)
+    except UserError as e:  # an AVX512-BF16 CPU: the inference repack would have run
+        assert "quantization.load_in_4bit: false" in str(e)
+    else:  # no repack on this CPU: the same kernels as with the fix
+        assert err < 1e-4
+
+
 def test_qlora_gradients_are_the_same_after_an_inference_forward(tiny_model):
     """bitsandbytes repacks a 4-bit weight for inference on an AVX512-BF16 CPU at the first eval-mode no-grad forward
     (PPO's generation) and then multiplies with a kernel that has no autograd: LoRA gradients below it came out wrong

@@ -7,7 +7,8 @@
     hfalign schema                               every recipe key with its type, default and meaning
     hfalign build-tiny [DIR] [--task T] [--family F] [--pretrain N]  build a demo task's tiny model (default:
                                                  models/tiny-llama; F: llama (default), llama2, llama3, glm, glm4, qwen2;
-                                                 N steps of pretraining on the task's text: a base for LoRA)
+                                                 N steps of pretraining on the task's text: a base for LoRA;
+                                                 --tie: tied embeddings; --zero-unseen: LLaMA-3-base-like rows)
     hfalign make-data [DIR] [--task T]           write a demo task's data files (default: the embedded default, data/)
     hfalign convert chatglm SRC OUT              a ChatGLM2/3 checkpoint (dir or hub id) as transformers' native GLM
     hfalign plot RUN_DIR [RUN_DIR ...] [--out D] a run's curves and report.md again; several runs overlaid in D
@@ -59,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
                            help="what the model imitates: config class, special tokens, chat template")
             s.add_argument("--pretrain", type=int, default=0, metavar="N",
                            help="pretrain N steps on the task's text (a pretrained base, as LoRA expects)")
+            s.add_argument("--tie", action="store_true",
+                           help="tie input and output embeddings (as Qwen2.5 <= 3B, LLaMA-3.2 1B/3B and Gemma ship)")
+            s.add_argument("--zero-unseen", action="store_true",
+                           help="with --pretrain: documents end with the end-of-text token and the rows of tokens "
+                                "pretraining never saw stay zero (LLaMA-3 base's chat header tokens)")
     s = sub.add_parser("plot", help="draw runs' curves (PNG) and, for one run, its report.md")
     s.add_argument("runs", nargs="+", help="run directories (output_dir of finished or running runs)")
     s.add_argument("--out", default="plots-compare", help="where several runs' overlaid plots go")
@@ -114,7 +120,8 @@ def _run(argv: list[str]) -> int:
     if args.command == "build-tiny":
         from hfalign.demo.tiny import build_tiny
 
-        out = build_tiny(args.dir, seed=args.seed, task=args.task, family=args.family, pretrain_steps=args.pretrain)
+        out = build_tiny(args.dir, seed=args.seed, task=args.task, family=args.family, pretrain_steps=args.pretrain,
+                         tie_embeddings=args.tie, zero_unseen=args.zero_unseen)
         print(f"built {out}")
         return 0
     if args.command == "plot":

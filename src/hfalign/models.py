@@ -273,32 +273,123 @@ def load_sequence_classifier(m: ModelSection, q: QuantizationSection, tok, path:
     return model
 
 
-def lora_config(lora: LoraSection, model, task_type: str):
-    """PEFT LoraConfig with per-architecture target defaults; None when LoRA is off."""
+def lora_config(lora: LoraSection, model, task_type: str, token_rows: list[int] | None = None):
+    """PEFT LoraConfig with per-architecture target defaults; None when LoRA is off. `token_rows`: embedding rows
+    trained beside the adapter (hfalign.tokens)."""
     if not lora.enabled:
         return None
     from peft import LoraConfig
+
+    from hfalign import tokens
 
     targets = lora.target_modules or lora_targets(getattr(model.config, "model_type", ""))
     return LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
         modules_to_save=lora.modules_to_save, task_type=task_type, bias="none",
+        trainable_token_indices=tokens.trainable_token_indices(model, token_rows) if token_rows else None,
     )
 
 
+def untrained_token_rows(lora: LoraSection, model, tok, train_set) -> list[int]:
+    """The untrained rows of the tokens the data uses (hfalign.tokens), started at the mean row: a new adapter trains
+    them beside it; full fine-tuning trains them anyway, from a start the first norm can take. [] when
+    lora.train_untrained_tokens is off."""
+    if not lora.train_untrained_tokens or train_set is None:
+        return []
+    from hfalign import tokens
+
+    rows = tokens.untrained(model, tokens.used_token_ids(tok, train_set))
+    if rows:
+        tokens.start_at_mean(model, rows)
+    return rows
+
+
+def adapters_beside_token_rows() -> None:
+    """PEFT 0.21 cannot load or save an adapter without trained token rows in a model whose embedding carries another
+    adapter's (the PPO shared base: the SFT adapter's rows, then the reward and value adapters): the embedding's
+    TrainableTokensWrapper asks every adapter for rows (KeyError '...trainable_tokens_delta'), where
+    ModulesToSaveWrapper asks only the adapters it holds. From this call on, it asks only those too (idempotent)."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    if getattr(TrainableTokensWrapper, "_hfalign_patched", False):
+        return
+    load_map, state = TrainableTokensWrapper.adapter_state_dict_load_map, TrainableTokensWrapper.adapter_state_dict
+
+    def holds(wrapper, name: str) -> bool:
+        return name in wrapper.token_adapter.trainable_tokens_delta
+
+    TrainableTokensWrapper.adapter_state_dict_load_map = lambda self, name: load_map(self, name) if holds(self, name) else {}
+    TrainableTokensWrapper.adapter_state_dict = lambda self, name, sd: state(self, name, sd) if holds(self, name) else {}
+    TrainableTokensWrapper._hfalign_patched = True
+
+
+def expose_head_bias(model) -> None:
+    """TRL's SFTTrainer computes the loss with a fused LM head that reads `lm_head.weight` and `lm_head.bias`; PEFT's
+    wrapper round a head with trained token rows (hfalign.tokens) answers `.weight` (the merged rows, differentiable)
+    but not `.bias`: 'TrainableTokensWrapper' object has no attribute 'bias'. Give it the head's own."""
+    for module in model.modules():
+        if type(module).__name__ == "TrainableTokensWrapper" and "bias" not in module.__dict__:
+            object.__setattr__(module, "bias", getattr(module.token_adapter.base_layer, "bias", None))
+
+
+def check_4bit_kernels(dtype=None, tol: float = 1e-4, keep_layout: bool = True) -> float:
+    """QLoRA trains through bitsandbytes' 4-bit kernels, which differ by device and CPU (AVX512-BF16 or not, AMX, the
+    kernels package). On a small layer, run every path a run takes -- a training forward and backward, an eval-mode
+    no-grad forward (generation, rollout scoring), then training again -- and compare outputs and the input gradient
+    with the same layer dequantized, in fp32 arithmetic. Returns the largest relative error; above `tol`, a clear
+    error: LoRA on such a path would learn from wrong numbers, silently. `keep_layout=False`: without hfalign's fix
+    for the inference repack (tests)."""
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Linear4bit
+
+    dtype = dtype or torch.float32
+    gen = torch.Generator().manual_seed(0)
+    layer = Linear4bit(128, 64, bias=False, compute_dtype=dtype, quant_type="nf4")
+    layer.weight.data = torch.randn(64, 128, generator=gen).to(layer.weight.dtype)
+    layer.weight = layer.weight._quantize("cpu")
+    if keep_layout:
+        _keep_training_layout(layer)
+    x = torch.randn(5, 128, generator=gen)
+    w = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    want = x @ w.t()
+    worst = 0.0
+    for training in (True, False, True):
+        layer.train(training)
+        a = x.clone().requires_grad_(training)
+        with torch.set_grad_enabled(training):
+            out = layer(a.to(dtype)).float()
+        worst = max(worst, ((out - want).abs().max() / want.abs().max()).item())
+        if training:
+            out.pow(2).sum().backward()
+            grad = 2 * want @ w
+            worst = max(worst, float("inf") if a.grad is None else ((a.grad - grad).abs().max() / grad.abs().max()).item())
+    if worst > tol * (1 if dtype == torch.float32 else 100):
+        raise UserError(f"bitsandbytes' 4-bit kernels on this machine compute wrong numbers (relative error {worst:.2g} "
+                        "against the dequantized layer): QLoRA would train on them.",
+                        fix="train LoRA without quantization on this machine (quantization.load_in_4bit: false)")
+    return worst
+
+
+def _keep_training_layout(module) -> None:
+    """bitsandbytes on an AVX512-BF16 CPU repacks a 4-bit weight for inference on its first eval-mode, no-grad
+    forward (PPO's generation, an eval loop) and from then on multiplies with a kernel that has no autograd:
+    gradients to every LoRA layer below it come out wrong, silently (one warning). Measured here: QLoRA PPO went to
+    KL 15 and 0.18 well-formed. Keep the training layout."""
+    for m in module.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+
+
 def prepare_quantized(model, activation_checkpointing: bool = False):
-    """QLoRA: freeze the 4/8-bit base, cast norms to fp32, enable input grads."""
+    """QLoRA: freeze the 4/8-bit base, cast norms to fp32, enable input grads; on CPU, check the 4-bit kernels."""
     from peft import prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing)
-        # bitsandbytes on an AVX512-BF16 CPU repacks a 4-bit weight for inference on its first eval-mode, no-grad
-        # forward (PPO's generation, an eval loop) and from then on multiplies with a kernel that has no autograd:
-        # gradients to every LoRA layer below it come out wrong, silently (one warning). Measured here: QLoRA PPO
-        # went to KL 15 and 0.18 well-formed. Keep the training layout.
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        _keep_training_layout(model)
+        if getattr(model, "is_loaded_in_4bit", False) and model.device.type == "cpu":
+            check_4bit_kernels(getattr(model.config, "dtype", None))
     return model
 
 
@@ -325,5 +416,9 @@ def apply_adapter(model, path: str, trainable: bool):
     config = PeftConfig.from_pretrained(path)
     if not trainable:
         config.task_type = None  # merge only: a causal-LM adapter may land on a classifier, so no task wrapper
+        rows = getattr(config, "trainable_token_indices", None)
+        if isinstance(rows, dict):  # a classifier has no LM head: merge the SFT adapter's input rows only
+            names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+            config.trainable_token_indices = {k: v for k, v in rows.items() if k in names} or None
     peft_model = PeftModel.from_pretrained(model, path, config=config, is_trainable=trainable)
     return peft_model if trainable else peft_model.merge_and_unload()

@@ -91,6 +91,11 @@ class LoraSection:
                      "query_key_value/dense/dense_h_to_4h/dense_4h_to_h for ChatGLM (never output_layer)."),
     )
     modules_to_save: list[str] | None = field(default=None, metadata=doc("Extra modules trained in full and saved."))
+    train_untrained_tokens: bool = field(default=True, metadata=doc(
+        "A new adapter (SFT, RM) also trains the embedding rows of tokens its data uses that the base never trained "
+        "(all-zero rows, as LLaMA-3 base's chat header and end-of-turn tokens): started at the mean row, saved in "
+        "the adapter; the run header lists them. Full fine-tuning (lora.enabled: false) starts them at the mean row "
+        "too. false: leave them as they are."))
 
     def check(self, where: str) -> None:
         if self.r < 1:

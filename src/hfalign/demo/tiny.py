@@ -101,8 +101,10 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0, task: str = "reviews",
     return fast
 
 
-def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int = 0, batch: int = 32, lr: float = 3e-3) -> float:
-    """Causal-LM training on shuffled documents (each text + EOS, right-padded); returns the last step's loss."""
+def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int = 0, batch: int = 32, lr: float = 3e-3,
+             end: str | None = None) -> float:
+    """Causal-LM training on shuffled documents (each text + `end`, default EOS; right-padded); returns the last
+    step's loss."""
     import random
 
     import torch
@@ -113,7 +115,7 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int = 0, batc
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20) * (1 - step / steps))
     model.train()
     for _ in range(steps):
-        docs = [t + tokenizer.eos_token for t in rng.sample(texts, batch)]
+        docs = [t + (end or tokenizer.eos_token) for t in rng.sample(texts, batch)]
         enc = tokenizer(docs, padding=True, truncation=True, max_length=64, return_tensors="pt")
         loss = model(**enc, labels=enc.input_ids.masked_fill(enc.attention_mask == 0, -100)).loss
         loss.backward()
@@ -127,9 +129,12 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int = 0, batc
 
 
 def build_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, vocab_size: int = 512, task: str = "reviews",
-               family: str = "llama", pretrain_steps: int = 0, vocab_multiple: int | None = None) -> Path:
+               family: str = "llama", pretrain_steps: int = 0, vocab_multiple: int | None = None,
+               tie_embeddings: bool = False, zero_unseen: bool = False) -> Path:
     """`vocab_multiple`: round the embedding up to a multiple of it (spare rows beyond the tokenizer, as Qwen's and
-    padded checkpoints have; default: the family's)."""
+    padded checkpoints have; default: the family's). `zero_unseen` (with pretraining): a base as Meta ships LLaMA-3's
+    -- documents end with the end-of-text token (the family's first stop token), and every token the pretraining never
+    saw (the chat template's header and end-of-turn tokens among them) keeps an all-zero input and output row."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -142,7 +147,7 @@ def build_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, vocab_siz
     config = getattr(transformers, spec["config"])(
         vocab_size=-(-len(tokenizer) // multiple) * multiple, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads, max_position_embeddings=256,
-        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tie_embeddings, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=stop if len(stop) > 1 else stop[0], dtype="float32",
     )
     torch.manual_seed(seed)
@@ -152,7 +157,14 @@ def build_tiny(out_dir: str | Path, size: str = "tiny", seed: int = 0, vocab_siz
     if pretrain_steps:
         from hfalign.demo import get_task
 
-        pretrain(model, tokenizer, get_task(task).documents(seed), pretrain_steps, seed)
+        docs, end = get_task(task).documents(seed), spec["stop"][0] if zero_unseen else None
+        pretrain(model, tokenizer, docs, pretrain_steps, seed, end=end)
+        if zero_unseen:
+            seen = {i for ids in tokenizer([d + end for d in docs])["input_ids"] for i in ids}
+            unseen = torch.tensor([i for i in range(config.vocab_size) if i not in seen])
+            with torch.no_grad():
+                model.get_input_embeddings().weight[unseen] = 0.0
+                model.get_output_embeddings().weight[unseen] = 0.0
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

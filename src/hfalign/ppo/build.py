@@ -38,7 +38,10 @@ def assemble(policy, **parts) -> PolicyAndValue:
 def build(recipe: Recipe, tokenizer) -> PolicyAndValue:
     if recipe.reward.model:
         check_same_tokenizer(recipe.reward.model, tokenizer)
-    return _build_shared(recipe, tokenizer) if recipe.lora.enabled else _build_full(recipe, tokenizer)
+    if not recipe.lora.enabled:
+        return _build_full(recipe, tokenizer)
+    models.adapters_beside_token_rows()  # an SFT adapter may train token rows (hfalign.tokens)
+    return _build_shared(recipe, tokenizer)
 
 
 def check_same_tokenizer(reward_dir: str, tokenizer) -> None:

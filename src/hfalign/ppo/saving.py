@@ -33,7 +33,8 @@ def state_to_save(model: PolicyAndValue, trainable_only: bool, should_save: bool
             return name in trainable
         if name.startswith(("critic.", "value_head.")):
             return True
-        return name.startswith("policy.") and (not model.shared or "lora_" in name)  # shared: adapters only
+        adapter = "lora_" in name or "trainable_tokens_delta" in name  # (an SFT adapter's token rows: hfalign.tokens)
+        return name.startswith("policy.") and (not model.shared or adapter)  # shared: adapters only
 
     with gathered([p for n, p in model.named_parameters() if wanted(n)]):
         if not should_save:

@@ -53,7 +53,7 @@ def run(checked) -> dict:
     trainer = stage.trainer(recipe, args, tokenizer, train_set, eval_set, callbacks.build(recipe))
     callbacks.quiet_printer(trainer)
     if trainer.is_world_process_zero():
-        print(header(recipe, args, train_set, eval_set), flush=True)
+        print(header(recipe, args, train_set, eval_set, tokenizer, getattr(trainer, "untrained_token_rows", None)), flush=True)
 
     # 5. Train (resumes when a checkpoint exists), then summarize
     trainer.train(resume_from_checkpoint=resume_from)
@@ -74,8 +74,9 @@ def run(checked) -> dict:
     return summary
 
 
-def header(recipe, args, train_set, eval_set) -> str:
-    """The run in one line: stage, recipe, model (how it trains), data, batch plan, output directory."""
+def header(recipe, args, train_set, eval_set, tokenizer=None, token_rows: list[int] | None = None) -> str:
+    """The run in one line: stage, recipe, model (how it trains), data, batch plan, output directory; a second line
+    when the adapter also trains embedding rows the base never trained (hfalign.tokens)."""
     m, how = recipe.model, "full"
     if recipe.lora.enabled:
         q = recipe.quantization
@@ -87,5 +88,13 @@ def header(recipe, args, train_set, eval_set) -> str:
     batch = f"batch {args.per_device_train_batch_size} x accumulate {args.gradient_accumulation_steps} x {args.world_size} process(es)"
     length = f"max_steps {args.max_steps}" if args.max_steps and args.max_steps > 0 else \
         f"{getattr(args, 'total_episodes', None)} episodes" if getattr(args, "total_episodes", None) else f"{args.num_train_epochs:g} epoch(s)"
-    return (f"hfalign {recipe.stage} | recipe {recipe.source} | model {model} ({how}, {mixed}) | data {rows} | "
+    line = (f"hfalign {recipe.stage} | recipe {recipe.source} | model {model} ({how}, {mixed}) | data {rows} | "
             f"{batch}, {length} | -> {recipe.output_dir}")
+    if token_rows:
+        from hfalign import tokens
+
+        trains = "the adapter trains them too" if recipe.lora.enabled else "they train"
+        line += (f"\nhfalign: the base never trained the embedding rows of {len(token_rows)} token(s) the data uses "
+                 f"({tokens.describe(tokenizer, token_rows)}): {trains}, from the mean row "
+                 f"(lora.train_untrained_tokens: false turns this off)")
+    return line

@@ -28,11 +28,14 @@ def trainer(recipe: Recipe, args, tokenizer, train_set, eval_set, callbacks):
     # The causal LM; continue a trained adapter, or give the trainer a new LoRA config to apply
     model = models.load_causal_lm(recipe.model, recipe.quantization, tokenizer)
     model = models.prepare_quantized(model, args.activation_checkpointing)
-    peft_config = None
+    peft_config, rows = None, []
     if recipe.model.adapter:
         model = models.apply_adapter(model, recipe.model.adapter, trainable=True)
-    else:
-        peft_config = models.lora_config(recipe.lora, model, "CAUSAL_LM")
+    else:  # a new adapter, with the embedding rows of tokens the base never trained (hfalign.tokens)
+        rows = models.untrained_token_rows(recipe.lora, model, tokenizer, train_set)
+        peft_config = models.lora_config(recipe.lora, model, "CAUSAL_LM", rows)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                       processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    models.expose_head_bias(trainer.model)
+    trainer.untrained_token_rows = rows  # the run header lists them
     return models.undo_bf16_cast(trainer, recipe.quantization)
