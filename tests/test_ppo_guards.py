@@ -68,6 +68,21 @@ def test_rollback_restores_the_checkpoint_and_raises_the_kl_coefficient(pipeline
     assert all(torch.equal(start[n], final[n]) for n in start)
 
 
+def test_a_trip_on_the_last_update_still_rolls_back(pipeline, tmp_path, capsys):
+    """Issue 18 item 2: the Trainer marks the run stopped at max_steps before the guards act; a rollback guard that
+    trips on the final update must not let the run end (and be saved) on the weights it judged broken."""
+    guard = KLGuardCallback(1e-9, action="rollback", kl_factor=2.0, max_rollbacks=2)
+    snaps = Snapshots()
+    t = make(pipeline, tmp_path / "run", [guard, snaps], total_episodes=32)  # 2 updates: the 2nd trips
+    t.train()
+    logs = [h for h in t.state.log_history if "objective/kl" in h]
+    assert [("guard/KL_guard" in h) for h in logs] == [False, True]
+    assert "rolled back to" in capsys.readouterr().out and guard.rollbacks == 1
+    start = snaps.at[0]
+    final = {n: p for n, p in t.model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(start[n], final[n]) for n in start)  # checkpoint-0's weights, not update 2's
+
+
 def test_rollback_can_lower_the_learning_rate(pipeline, tmp_path):
     guard = KLGuardCallback(1e-9, action="rollback", kl_factor=1.0, lr_factor=0.5, max_rollbacks=1)
     t = make(pipeline, tmp_path / "run", [guard], lr_scheduler_type="constant")

@@ -41,9 +41,11 @@ def check(trainer, metrics: dict) -> list[tuple]:
 
 
 def act(trainer, tripped: list[tuple]) -> None:
-    """After the update is logged: roll back once for all rollback guards that tripped."""
+    """After the update is logged: roll back once for all rollback guards that tripped -- also on the run's last
+    update (the Trainer has set should_training_stop at max_steps: the run then ends on the restored weights); not
+    when a stop guard tripped too (it ends the run where it is, saved)."""
     rollback = [g for g, _ in tripped if g.action == "rollback"]
-    if not rollback or trainer.control.should_training_stop:
+    if not rollback or any(g.action == "stop" for g, _ in tripped):
         return
     guard = rollback[0]
     checkpoint = _newest_checkpoint(trainer)
