@@ -327,8 +327,10 @@ def expose_head_bias(model) -> None:
     """TRL's SFTTrainer computes the loss with a fused LM head that reads `lm_head.weight` and `lm_head.bias`; PEFT's
     wrapper round a head with trained token rows (hfalign.tokens) answers `.weight` (the merged rows, differentiable)
     but not `.bias`: 'TrainableTokensWrapper' object has no attribute 'bias'. Give it the head's own."""
+    from peft.utils.other import TrainableTokensWrapper
+
     for module in model.modules():
-        if type(module).__name__ == "TrainableTokensWrapper" and "bias" not in module.__dict__:
+        if isinstance(module, TrainableTokensWrapper) and "bias" not in module.__dict__:
             object.__setattr__(module, "bias", getattr(module.token_adapter.base_layer, "bias", None))
 
 

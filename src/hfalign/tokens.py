@@ -59,13 +59,18 @@ def _row_weights(model) -> list:
     return [inp] if out is None or out is inp or out.shape != inp.shape else [inp, out]
 
 
+def _trained(weight):
+    """Which rows count as trained: norm above THRESHOLD x the median row's (see the module doc)."""
+    norms = weight.detach().float().norm(dim=1)
+    return norms > THRESHOLD * norms.median()
+
+
 def untrained(model, ids: set[int]) -> list[int]:
     """Which of `ids` have an untrained input or output row (see the module doc)."""
     found = set()
     for weight in _row_weights(model):
         with _gathered(weight):
-            norms = weight.detach().float().norm(dim=1)
-            low = (norms <= THRESHOLD * norms.median()).nonzero().flatten().tolist()
+            low = (~_trained(weight)).nonzero().flatten().tolist()
         found.update(i for i in low if i in ids)
     return sorted(found)
 
@@ -77,9 +82,7 @@ def start_at_mean(model, rows: list[int]) -> None:
 
     for weight in _row_weights(model):
         with _gathered(weight), torch.no_grad():
-            norms = weight.float().norm(dim=1)
-            trained = norms > THRESHOLD * norms.median()
-            weight[rows] = weight[trained].float().mean(dim=0).to(weight.dtype)
+            weight[rows] = weight[_trained(weight)].float().mean(dim=0).to(weight.dtype)
 
 
 def trainable_token_indices(model, rows: list[int]) -> dict[str, list[int]]:

@@ -87,10 +87,7 @@ def restore(trainer, checkpoint: str, kl_factor: float = 1.0, lr_factor: float =
     trainer.moments = core.RunningMoments(**saved["moments"])
     if trainer.is_deepspeed_enabled:  # its scheduler came back with the checkpoint's rates: so does adaptive_lr's scale
         trainer.lr_scale = saved.get("lr_scale", trainer.lr_scale)
-    if lr_factor != 1.0:
-        for group in trainer.optimizer.param_groups:
-            group["lr"] *= lr_factor
-        trainer.lr_scheduler.base_lrs = [lr * lr_factor for lr in trainer.lr_scheduler.base_lrs]
+    trainer.multiply_lr(lr_factor)
     if trainer.is_world_process_zero():
         print(f"hfalign: rolled back to {checkpoint}; kl_coef {old_kl:.4g} -> {trainer.kl_coef:.4g}"
               + (f", learning rate x{lr_factor}" if lr_factor != 1.0 else ""), flush=True)

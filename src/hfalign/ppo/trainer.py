@@ -197,8 +197,7 @@ class PPOTrainer(Trainer):
         the rollout's): past early_stop_kl, the last step is undone (weights and optimizer state) and the update
         ends; otherwise the measurement sets the next step's learning rate (core.adaptive_lr_scale)."""
         a, p, acc, model = self.args, self.plan, self.accelerator, self.model_wrapped
-        stats, steps, undo, limit = defaultdict(list), 0, None, a.early_stop_kl
-        rejected = 0
+        stats, steps, undo, limit, rejected = defaultdict(list), 0, None, a.early_stop_kl, False
         model.train()
         for _ in range(a.num_ppo_epochs):
             order = torch.randperm(p.rollout_batch)
@@ -218,7 +217,7 @@ class PPOTrainer(Trainer):
                 if self.adaptive_lr:  # one sync per optimizer step
                     moved = self._mean(torch.stack(epoch_kl[-len(micro_starts):]).mean())
                     if undo is not None and limit is not None and moved > limit:
-                        rejected += self._undo_step(undo)
+                        rejected = self._undo_step(undo)
                         break
                     if steps:  # the update's first minibatch measures the rollout's own weights (KL 0): no evidence
                         self.scale_lr(core.adaptive_lr_scale(self.lr_scale, moved, a.adaptive_lr_target) / self.lr_scale)
@@ -233,12 +232,12 @@ class PPOTrainer(Trainer):
             if rejected or (limit is not None and self._mean(torch.stack(epoch_kl).mean()) > limit):
                 break
         if undo is not None and not rejected and limit is not None and self._probe_kl(r) > limit:  # the last step
-            rejected += self._undo_step(undo)
+            rejected = self._undo_step(undo)
         model.eval()
         means = {k: torch.stack(v).mean() for k, v in stats.items()}
         if self.adaptive_lr:
             means["train/rejected_steps"] = torch.tensor(float(rejected))
-        return means, steps - rejected
+        return means, steps - int(rejected)
 
     def _step_snapshot(self) -> dict | None:
         """The trainable weights and optimizer state before a step, to undo it (None under DeepSpeed, whose engine
@@ -250,8 +249,8 @@ class PPOTrainer(Trainer):
                  for q in params if q in self.optimizer.state}
         return {"params": [(q, q.detach().clone()) for q in params], "state": state}
 
-    def _undo_step(self, snapshot: dict) -> int:
-        """Back to the snapshot's weights and optimizer state, gradients dropped, the learning rate halved."""
+    def _undo_step(self, snapshot: dict) -> bool:
+        """Back to the snapshot's weights and optimizer state, gradients dropped, the learning rate halved; True."""
         with torch.no_grad():
             for q, saved in snapshot["params"]:
                 q.copy_(saved)
@@ -259,7 +258,7 @@ class PPOTrainer(Trainer):
                     self.optimizer.state[q] = snapshot["state"].get(id(q), {})
         self.optimizer.zero_grad()
         self.scale_lr(max(0.5, 0.01 / self.lr_scale))
-        return 1
+        return True
 
     @torch.no_grad()
     def _probe_kl(self, r: Rollout) -> float:
@@ -415,9 +414,14 @@ class PPOTrainer(Trainer):
     def scale_lr(self, factor: float) -> None:
         """Multiply the learning rate now and its schedule from here on (the scheduler's base rates) by `factor`; both
         are saved with a checkpoint, so a resumed run goes on at the same rate."""
+        self.lr_scale *= factor
+        self.multiply_lr(factor)
+
+    def multiply_lr(self, factor: float) -> None:
+        """The learning rate now and its schedule (the scheduler's base rates) times `factor`, the controller's scale
+        untouched (a guard's rollback lowers the rate beneath it)."""
         if factor == 1.0:
             return
-        self.lr_scale *= factor
         for group in self.optimizer.param_groups:
             group["lr"] *= factor
         self.lr_scheduler.base_lrs = [lr * factor for lr in self.lr_scheduler.base_lrs]
