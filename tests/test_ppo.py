@@ -370,3 +370,17 @@ def test_reward_stack_reuses_the_sft_adapter_however_its_path_is_spelled(lora_pi
                                                 f"data.eval={ROOT / 'data/ppo_eval_prompts.jsonl'}"])
     wrapper = build(r, models.load_tokenizer(r.model))
     assert wrapper.stacks["reward"] == ["ref", "reward"] and "rm_base" not in wrapper.policy.peft_config
+
+
+def test_vocab_kl_term_is_logged_and_pulls_the_policy_to_the_reference(pipeline, tmp_path):
+    """train.vocab_kl_coef: the exact KL over the whole vocabulary at the rollout's response positions joins the loss
+    (logged as policy/vocab_kl); a large coefficient keeps the policy nearer the reference than none does."""
+    free = api_trainer(pipeline, tmp_path / "free", total_episodes=32, learning_rate=1e-2, early_stop_kl=None)
+    free.train()
+    held = api_trainer(pipeline, tmp_path / "held", total_episodes=32, learning_rate=1e-2, early_stop_kl=None,
+                       vocab_kl_coef=100.0)
+    held.train()
+    assert "policy/vocab_kl" not in logged(free)[-1]
+    last = logged(held)[-1]
+    assert last["policy/vocab_kl"] > 0
+    assert last["objective/kl"] < logged(free)[-1]["objective/kl"]

@@ -156,11 +156,20 @@ def test_selective_logprobs_match_log_softmax_in_value_and_gradient(monkeypatch,
 
 
 @pytest.mark.parametrize("block", [60, 1000], ids=["positions", "rows"])
-def test_entropy_no_grad_matches_and_keeps_no_graph(monkeypatch, block):
+def test_entropy_comes_from_the_logprob_pass_without_a_graph(monkeypatch, block):
+    """Issue 18 item 7: the logged entropy is computed in the selective log-softmax's own blocks (it used to take a
+    second full-vocabulary pass per micro-step); it equals the differentiable entropy and carries no graph, and the
+    logprobs' gradient is what logprobs_from_logits gives."""
     monkeypatch.setattr(core, "BLOCK_ELEMENTS", block)
     logits = torch.randn(2, 5, 30, requires_grad=True)
-    ent = core.entropy_no_grad(logits, 0.7)
-    assert not ent.requires_grad and torch.allclose(ent, core.entropy_from_logits(logits, 0.7), atol=1e-6)
+    tokens = torch.randint(0, 30, (2, 5))
+    logprobs, ent = core.logprobs_and_entropy(logits, tokens, 0.7)
+    assert not ent.requires_grad and torch.allclose(ent, core.entropy_from_logits(logits, 0.7), atol=1e-5)
+    assert (ent > 0).all()
+    logprobs.sum().backward()
+    grad, logits.grad = logits.grad.clone(), None
+    core.logprobs_from_logits(logits, tokens, 0.7).sum().backward()
+    assert torch.equal(grad, logits.grad)
 
 
 def test_repetition_by_hand():
@@ -171,3 +180,30 @@ def test_repetition_by_hand():
     assert core.repetition(responses, mask).tolist() == pytest.approx([0.5, 2 / 3, 0.0, 0.0])
     # what follows the end does not count: the same row with the padding turned into repeats of the last token
     assert core.repetition(torch.tensor([[7, 8, 9, 9, 9, 9]]), mask[2:3]).tolist() == [0.0]
+
+
+def test_prompt_shards_are_equal_so_ranks_stay_in_step():
+    """Issue 18 item 10: 17 prompts on 2 ranks, batches of 3: every rank gets 8 prompts a pass (the 17th waits for a
+    later pass), so both walk the same pass together and no update holds a prompt twice."""
+    from hfalign.ppo.rollout import prompt_batches
+
+    ranks = [prompt_batches(17, 3, rank, 2, seed=0) for rank in range(2)]
+    for update in range(12):
+        a, b = next(ranks[0]), next(ranks[1])
+        assert len(a) == len(b) == 3 and not set(a) & set(b), update
+    one = prompt_batches(17, 3, 0, 1, seed=0)  # one process: 5 full batches a pass, 15 different prompts
+    assert len({i for _ in range(5) for i in next(one)}) == 15
+
+
+def test_vocab_kl_by_hand():
+    """pi = (1/4, 3/4), ref uniform: KL = 1/4 ln(1/2) + 3/4 ln(3/2) = 0.130812; at T = 2 pi = (1/3, 2/3) over
+    logits (0, ln 4): 1/3 ln(2/3) + 2/3 ln(4/3) = 0.056633; 0 where the two agree; the gradient flows to the policy."""
+    logits = torch.tensor([[[0.0, math.log(3)], [0.0, math.log(4)]]], requires_grad=True)
+    ref = torch.zeros(1, 2, 2)
+    kl = core.vocab_kl(logits, ref, 1.0)
+    assert kl[0, 0].item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), abs=1e-6)
+    assert core.vocab_kl(logits, ref, 2.0)[0, 1].item() == pytest.approx(math.log(2 / 3) / 3 + 2 / 3 * math.log(4 / 3),
+                                                                         abs=1e-6)
+    assert core.vocab_kl(ref, ref, 0.7).abs().max().item() == 0.0
+    kl.sum().backward()
+    assert logits.grad[0, 0, 1] > 0  # lowering the over-weighted token lowers the KL

@@ -83,6 +83,90 @@ def test_a_trip_on_the_last_update_still_rolls_back(pipeline, tmp_path, capsys):
     assert all(torch.equal(start[n], final[n]) for n in start)  # checkpoint-0's weights, not update 2's
 
 
+def test_a_rollback_restores_only_vetted_weights_and_rotation_keeps_them(pipeline, tmp_path, capsys):
+    """Issue 18 item 1: checkpoint-k holds the weights after update k, which only update k+1's rollout judges. With a
+    checkpoint every update and a KL guard that trips on any moved policy, the rollback at update 2 must not restore
+    checkpoint-1 (the weights just judged broken) but checkpoint-0; the one at update 4 goes to checkpoint-2 (saved
+    after the first rollback, the vetted start weights again), which save_total_limit=1 must not have deleted."""
+    guard = KLGuardCallback(1e-9, action="rollback", kl_factor=1.0, max_rollbacks=5)
+    snaps = Snapshots()
+    t = make(pipeline, tmp_path / "run", [guard, snaps], total_episodes=64, save_strategy="steps", save_steps=1,
+             save_total_limit=1)
+    t.train()
+    logs = [h for h in t.state.log_history if "objective/kl" in h]
+    assert [("guard/KL_guard" in h) for h in logs] == [False, True, False, True]
+    out = capsys.readouterr().out
+    assert [ln.split("rolled back to ")[1].split(";")[0].rsplit("/", 1)[1] for ln in out.splitlines()
+            if "rolled back to" in ln] == ["checkpoint-0", "checkpoint-2"]
+    start = snaps.at[0]
+    assert any(not torch.equal(start[n], snaps.at[1][n]) for n in start)  # update 1 moved the policy
+    assert all(torch.equal(start[n], snaps.at[2][n]) for n in start)  # update 3 began on the vetted start weights
+    final = {n: p for n, p in t.model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(start[n], final[n]) for n in start)
+    assert t.vetted >= {0, 2, 4} and 1 not in t.vetted and 3 not in t.vetted
+
+
+def test_a_resumed_run_keeps_its_guards_state(pipeline, tmp_path, capsys):
+    """Issue 18 item 3: a run killed after a rollback and resumed decides as the uninterrupted one: its rollback
+    budget is spent (the 2nd trip gives up, as in the whole run), the collapse guard keeps its early window."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    def guards_():
+        return [KLGuardCallback(1e-9, action="rollback", kl_factor=2.0, max_rollbacks=1),
+                CollapseGuardCallback(window=3, action="warn")]
+
+    kw = dict(total_episodes=64, save_strategy="steps", save_steps=1)
+    whole_guards = guards_()
+    whole = make(pipeline, tmp_path / "whole", whole_guards, **kw)
+    whole.train()
+    cut = make(pipeline, tmp_path / "cut", [*guards_(), StopAt()], **kw)
+    cut.train()
+    assert cut.state.global_step == 2 and cut.callback_handler.callbacks  # stopped right after the rollback
+    resumed_guards = guards_()
+    resumed = make(pipeline, tmp_path / "cut", resumed_guards, **kw)
+    resumed.train(resume_from_checkpoint=True)  # the newest complete checkpoint: the one saved after the rollback
+    decisions = lambda t: [(h["step"], "guard/KL_guard" in h, h["objective/kl_coef"])  # noqa: E731
+                           for h in t.state.log_history if "objective/kl" in h]
+    assert decisions(whole) == decisions(cut)[:2] + decisions(resumed)[-2:]
+    assert [g.rollbacks for g in resumed_guards] == [g.rollbacks for g in whole_guards] == [1, 0]
+    assert resumed_guards[1].seen == whole_guards[1].seen and len(whole_guards[1].seen) == 3
+    assert resumed.state.global_step == whole.state.global_step == 4
+    a = {n: p for n, p in whole.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+def test_a_rollback_keeps_the_schedule_of_the_run_not_of_the_checkpoint(pipeline, tmp_path):
+    """Issue 18 item 4: the first step after a rollback runs at today's scheduled rate times lr_factor (the restored
+    optimizer state carries the checkpoint's rate); save_only_model (no optimizer state) with a rollback guard is
+    refused."""
+    from transformers import TrainerCallback
+
+    class Rates(TrainerCallback):
+        def __init__(self):
+            self.end, self.begin, self.trainer = {}, {}, None
+
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            self.end[state.global_step] = optimizer.param_groups[0]["lr"]
+
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            self.begin[state.global_step] = optimizer.param_groups[0]["lr"]
+
+    rates = Rates()
+    guard = KLGuardCallback(1e-9, action="rollback", kl_factor=1.0, lr_factor=0.5, max_rollbacks=1)
+    t = make(pipeline, tmp_path / "run", [guard, rates], lr_scheduler_type="linear", total_episodes=48)
+    t.train()
+    assert rates.end[2] < 1e-2 * 0.75  # the linear schedule has come down from the checkpoint's 1e-2
+    assert rates.begin[2] == pytest.approx(0.5 * rates.end[2])  # update 3 starts at half of where the run was
+    with pytest.raises(ValueError, match="save_only_model"):
+        make(pipeline, tmp_path / "only", [KLGuardCallback(1.0, action="rollback")], save_only_model=True).train()
+
+
 def test_rollback_can_lower_the_learning_rate(pipeline, tmp_path):
     guard = KLGuardCallback(1e-9, action="rollback", kl_factor=1.0, lr_factor=0.5, max_rollbacks=1)
     t = make(pipeline, tmp_path / "run", [guard], lr_scheduler_type="constant")
@@ -131,14 +215,34 @@ def test_adaptive_kl_controller_unclipped():
 
 
 def test_critic_warm_up_keeps_the_policy_still(pipeline, tmp_path):
-    snaps = Snapshots()
-    t = make(pipeline, tmp_path / "run", [snaps], value_warmup_updates=1, total_episodes=32)
+    """Issue 18 item 9: during the warm-up the policy does not move even with weight decay, and AdamW holds no state
+    for it (zero gradients used to advance its step count with empty moments); after it the policy's Adam starts at
+    step 1."""
+    from transformers import TrainerCallback
+
+    class AdamSteps(TrainerCallback):
+        def __init__(self):
+            self.at = {}
+
+        def on_step_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
+            policy = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("policy.")]
+            self.at[state.global_step] = [int(optimizer.state[p]["step"]) if p in optimizer.state else 0 for p in policy]
+
+    snaps, adam = Snapshots(), AdamSteps()
+    t = make(pipeline, tmp_path / "run", [snaps, adam], value_warmup_updates=2, total_episodes=48, weight_decay=0.1,
+             early_stop_kl=None)
     t.train()
-    before, after = snaps.at[0], snaps.at[1]
+    before = snaps.at[0]
     policy = [n for n in before if n.startswith("policy.")]
     critic = [n for n in before if n.startswith("critic.")]
-    assert all(torch.equal(before[n], after[n]) for n in policy)  # update 1: warm-up, the policy did not move
-    assert any(not torch.equal(before[n], after[n]) for n in critic)  # the critic did
+    for step in (1, 2):  # updates 1 and 2: warm-up, the policy did not move; the critic did
+        assert all(torch.equal(before[n], snaps.at[step][n]) for n in policy), step
+        assert any(not torch.equal(before[n], snaps.at[step][n]) for n in critic), step
+    assert set(adam.at[2]) == {0}  # no optimizer state for the policy after the warm-up
+    final = {n: p for n, p in t.model.named_parameters() if n in policy}
+    assert any(not torch.equal(before[n], final[n]) for n in policy)  # update 3 trained it
+    steps = {int(t.optimizer.state[p]["step"]) for n, p in t.model.named_parameters() if n in policy}
+    assert steps == {4}  # update 3's 2 epochs x 2 minibatches, counted from a clean start
 
 
 def test_shipped_ppo_recipe_turns_on_acting_guards(tiny_model, tmp_path):

@@ -22,15 +22,17 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def trainer(pipeline, out, callbacks=None) -> PPOTrainer:
+def trainer(pipeline, out, callbacks=None, **overrides) -> PPOTrainer:
     import datasets
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(pipeline["sft"], padding_side="left")
-    args = PPOConfig(output_dir=str(out), per_device_train_batch_size=8, num_mini_batches=2, num_ppo_epochs=2,
-                     total_episodes=64, response_length=12, report_to="none", save_steps=2, seed=3, learning_rate=1e-3,
-                     adaptive_kl=True, kl_horizon=100, normalize_scores=True, lr_scheduler_type="cosine",
-                     adaptive_lr=True, adaptive_lr_target=1e-4)  # the lr controller's state travels too
+    args = PPOConfig(**{**dict(output_dir=str(out), per_device_train_batch_size=8, num_mini_batches=2, num_ppo_epochs=2,
+                               total_episodes=64, response_length=12, report_to="none", save_steps=2, seed=3,
+                               learning_rate=1e-3, adaptive_kl=True, kl_horizon=100, normalize_scores=True,
+                               lr_scheduler_type="cosine",
+                               adaptive_lr=True, adaptive_lr_target=1e-4),  # the lr controller's state travels too
+                        **overrides})
     return PPOTrainer(args=args, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(pipeline["sft"]),
                       reward_model=AutoModelForSequenceClassification.from_pretrained(pipeline["rm"]),
                       value_model=AutoModelForSequenceClassification.from_pretrained(pipeline["rm"]),
@@ -100,3 +102,58 @@ def test_checkpoint_of_another_model_is_refused(pipeline, tmp_path):
     save_file(state, str(path))
     with pytest.raises(UserError, match="1 trainable tensors missing"):
         trainer(pipeline, tmp_path / "run")._load_from_checkpoint(str(path.parent))
+
+
+def test_a_resume_goes_on_to_the_new_plan_and_refuses_another_batch_shape(pipeline, tmp_path):
+    """Issue 18 item 5: resuming with more total_episodes runs to the new end (the saved state's max_steps used to
+    end it at the old one); another rollout batch (processes or batch sizes) is refused, clearly."""
+    from hfalign.errors import UserError
+
+    first = trainer(pipeline, tmp_path / "run", total_episodes=32)
+    first.train()
+    assert first.state.global_step == 2
+    longer = trainer(pipeline, tmp_path / "run", total_episodes=64)
+    longer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert longer.state.global_step == longer.state.max_steps == 4 and longer.episode == 64
+    assert [h["step"] for h in longer.state.log_history if "objective/kl" in h] == [1, 2, 3, 4]
+    other = trainer(pipeline, tmp_path / "run", total_episodes=64, per_device_train_batch_size=4)
+    with pytest.raises(UserError, match=r"rollout batch was .*'prompts_per_process': 16"):
+        other.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+
+
+def test_resume_true_takes_the_newest_complete_checkpoint(pipeline, tmp_path):
+    """Issue 18 item 6: train(resume_from_checkpoint=True) (the TRL-style call) passes over a torn newest checkpoint
+    (transformers' get_last_checkpoint takes the highest number); a multi-process checkpoint missing a rank's RNG file
+    is torn."""
+    import json
+
+    t = trainer(pipeline, tmp_path / "run", callbacks=[StopAt(2)])
+    t.train()
+    out = tmp_path / "run"
+    torn = out / "checkpoint-3"
+    torn.mkdir()
+    (torn / "trainable.safetensors").write_bytes(b"")  # the kill came before trainer_state.json
+    again = trainer(pipeline, out)
+    again.train(resume_from_checkpoint=True)
+    assert [h["step"] for h in again.state.log_history if "objective/kl" in h] == [1, 2, 3, 4]
+    ckpt = out / "checkpoint-4"
+    state = json.loads((ckpt / "hfalign_ppo_state.json").read_text())
+    assert state["batch"] == {"processes": 1, "prompts_per_process": 16}
+    state["batch"]["processes"] = 2  # as a 2-process run writes it: rng_state_0.pth and rng_state_1.pth
+    (ckpt / "hfalign_ppo_state.json").write_text(json.dumps(state))
+    (ckpt / "rng_state.pth").rename(ckpt / "rng_state_0.pth")
+    assert not rundir.complete_checkpoint(ckpt)  # rank 1's file never came
+    (ckpt / "rng_state_1.pth").write_bytes((ckpt / "rng_state_0.pth").read_bytes())
+    assert rundir.complete_checkpoint(ckpt)
+
+
+def test_the_schedule_follows_the_plan_when_updates_stop_early(pipeline, tmp_path):
+    """Issue 18 item 8: early_stop_kl ends updates after their first minibatch; the linear schedule still reaches its
+    end with the run (it used to step only on steps taken and stop a third of the way down)."""
+    t = trainer(pipeline, tmp_path / "run", early_stop_kl=1e-12, adaptive_lr=False, lr_scheduler_type="linear",
+                save_strategy="no")
+    t.train()
+    steps = [h["train/optimizer_steps"] for h in t.state.log_history if "objective/kl" in h]
+    assert steps == [2, 2, 2, 2]  # of 4 planned per update
+    assert t.lr_scheduler.last_epoch == t.plan.total_optimizer_steps == 16
+    assert t.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0)

@@ -32,7 +32,7 @@ def wild_sft(pipeline, tmp_path_factory):
     return out
 
 
-def make_trainer(policy_dir, rm_dir, tmp_path, peft: bool = False, **overrides) -> PPOTrainer:
+def make_trainer(policy_dir, rm_dir, tmp_path, peft: bool = False, checkpointed: bool = False, **overrides) -> PPOTrainer:
     import datasets
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -44,7 +44,10 @@ def make_trainer(policy_dir, rm_dir, tmp_path, peft: bool = False, **overrides) 
               learning_rate=1e-3, local_rollout_forward_batch_size=512)
     kw.update(overrides)
     value = None if peft else AutoModelForSequenceClassification.from_pretrained(rm_dir)
-    return PPOTrainer(args=PPOConfig(**kw), processing_class=tok, model=AutoModelForCausalLM.from_pretrained(policy_dir),
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
+    if checkpointed:  # as PEFT's prepare_model_for_kbit_training hands it over
+        policy.gradient_checkpointing_enable({"use_reentrant": False})
+    return PPOTrainer(args=PPOConfig(**kw), processing_class=tok, model=policy,
                       reward_model=AutoModelForSequenceClassification.from_pretrained(rm_dir), value_model=value,
                       train_dataset=datasets.Dataset.from_list(prompts),
                       peft_config=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM") if peft else None)
@@ -116,6 +119,15 @@ def test_checkpointing_recomputes_each_pass_under_its_own_adapter(pipeline, tmp_
             assert torch.allclose(value[name], off_value[name], atol=1e-6), (mode, name)
             assert torch.allclose(policy[name], off_policy[name], atol=1e-6), (mode, name)
         assert all(g.abs().sum() == 0 for n, g in value.items() if ".default." in n), mode
+    # Issue 18 item 12: a model that arrives checkpointed (not through args) gets the same, once training starts
+    arrived = make_trainer(pipeline["sft"], pipeline["rm"], tmp_path, peft=True, checkpointed=True)
+    arrived.model.load_state_dict(wrapper.state_dict())
+    arrived.model.wrap_checkpointed_layers()  # what the training loop does first
+    arrived.model.train()
+    assert arrived.model.is_activation_checkpointing
+    value = _adapter_grads(arrived.model, value_only)
+    for name in off_value:
+        assert torch.allclose(value[name], off_value[name], atol=1e-6), ("arrived", name)
 
 
 def test_same_recipe_and_seed_give_identical_runs(tiny_model, tmp_path):
@@ -309,3 +321,21 @@ def test_long_prompts_lose_their_beginning_and_are_counted(pipeline, tmp_path, c
     full = trainer.tokenizer(read_jsonl(ROOT / "data/ppo_prompts.jsonl")[0]["prompt"])["input_ids"]
     assert len(full) > 5 and trainer.prompts[0] == full[-5:]  # the end, where the policy continues, is kept
     assert "64 of 64 train prompts are longer than max_prompt_length 5" in capsys.readouterr().out
+
+
+def test_truncated_sampling_is_said_to_be_off_policy_and_no_template_truncates(pipeline, tmp_path, capsys):
+    """Issue 18 item 11: top_p / top_k make sampling differ from the softmax the logprobs describe; a recipe that
+    sets them is told so (the note used to say the opposite), and no shipped template sets them."""
+    import yaml
+
+    from hfalign.ppo.rollout import left_pad
+
+    trainer = make_trainer(pipeline["sft"], pipeline["rm"], tmp_path, response_length=1, top_p=0.9)
+    q, m = left_pad([trainer.prompts[0]], trainer.tokenizer.pad_token_id)
+    trainer.rollout(q, m)
+    out = capsys.readouterr().out
+    assert "train.top_p=0.9 truncates sampling" in out and "off-policy" in out
+    assert "describe what was sampled" not in out
+    for path in sorted(ROOT.glob("recipes/**/*.yaml")):
+        train = (yaml.safe_load(path.read_text()) or {}).get("train") or {}
+        assert not {"top_k", "top_p"} & set(train), path

@@ -255,6 +255,10 @@ def test_generate_completions_and_sample_generations(hub, tmp_path):
     assert rows == trainer.generate_completions()  # temperature 0.01: as good as greedy, so repeatable
     trainer.eval_prompts = []
     assert trainer.generate_completions() == []
+    # what a TRL 1.12 script reads off the trainer (issue 18 item 14)
+    assert trainer.state.episode == 16 and trainer.policy_model is trainer.model.policy
+    assert isinstance(trainer.ref_model, torch.nn.Module) and trainer.ref_model is not trainer.policy_model
+    assert trainer.reward_model is trainer.model.reward and trainer.value_model is trainer.model.critic
 
 
 def test_trl_mistakes_get_trl_errors(hub, tmp_path):
@@ -263,6 +267,9 @@ def test_trl_mistakes_get_trl_errors(hub, tmp_path):
     policy = AutoModelForCausalLM.from_pretrained(causal)
     args = PPOConfig(output_dir=str(tmp_path), report_to="none")
     reward = AutoModelForSequenceClassification.from_pretrained(classifier)
+    with pytest.raises(ValueError, match="cannot set both `stop_token` and `stop_token_id`"):
+        PPOTrainer(PPOConfig(output_dir=str(tmp_path), report_to="none", stop_token="eos", stop_token_id=0), tok,
+                   policy, None, reward, load_dataset(hub["zen"])["train"], peft_config=LoraConfig(r=4, task_type="CAUSAL_LM"))
     with pytest.raises(ValueError, match="cannot be the same object"):
         PPOTrainer(args, tok, policy, policy, reward, load_dataset(hub["zen"])["train"], reward)
     with pytest.raises(ValueError, match=r"'input_ids' column .* or a 'prompt' column"):

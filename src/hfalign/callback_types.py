@@ -97,6 +97,13 @@ class Guard(TrainerCallback):
     def trip(self, metrics: dict) -> str | None:
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps so that a resumed run decides as the uninterrupted one (PPOTrainer saves it)."""
+        return {"rollbacks": self.rollbacks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollbacks = state["rollbacks"]
+
 
 class KLGuardCallback(Guard):
     """objective/kl above `max_kl` (nats per response)."""
@@ -143,6 +150,13 @@ class CollapseGuardCallback(Guard):
             if metrics[key] > ref[key] + self.rise:
                 return f"{key} {metrics[key]:.3g} > its early mean {ref[key]:.3g} + {self.rise} while the score rose"
         return None
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "seen": [dict(m) for m in self.seen]}  # the early window: the baseline
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.seen = [dict(m) for m in state["seen"]]
 
 
 class SampleTableCallback(TrainerCallback):

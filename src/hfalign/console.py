@@ -30,6 +30,7 @@ WARNING_NOISE = (
     (FutureWarning, r".*`gradient_checkpointing` is deprecated"),  # TRL's configs set the old field themselves
     # DeepSpeed's ZeRO collectives call torch's old name, once per gather, on every rank
     (FutureWarning, r".*`torch.distributed.all_gather_into_tensor` is deprecated"),
+    (FutureWarning, r".*`torch.distributed.reduce_scatter_tensor` is deprecated"),
 )
 
 

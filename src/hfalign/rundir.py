@@ -65,6 +65,8 @@ def complete_checkpoint(path: Path) -> bool:
     state before it), and every weight / optimizer file must be intact to its last byte."""
     try:
         json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        if not all((path / name).is_file() for name in _rank_files(path)):
+            return False
         for f in path.rglob("*"):
             if f.suffix == ".safetensors" and not _safetensors_intact(f):
                 return False
@@ -75,6 +77,17 @@ def complete_checkpoint(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def _rank_files(path: Path) -> list[str]:
+    """The per-process files a multi-process PPO checkpoint must hold (its hfalign_ppo_state.json names the count)."""
+    state = path / "hfalign_ppo_state.json"
+    if not state.is_file():
+        return []
+    processes = json.loads(state.read_text(encoding="utf-8")).get("batch", {}).get("processes", 1)
+    if processes < 2 or not any(path.glob("rng_state_*.pth")):  # save_only_model writes none at all
+        return []
+    return [f"rng_state_{i}.pth" for i in range(processes)]
 
 
 def _safetensors_intact(path: Path) -> bool:

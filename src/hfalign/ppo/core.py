@@ -84,18 +84,21 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     @torch.autocast("cpu", enabled=False)
     def forward(ctx, logits, tokens, temperature):  # fp32 whatever autocast is on outside (pitfall 11)
         out = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)
-        lse = torch.empty_like(out)
+        lse, entropy = torch.empty_like(out), torch.empty_like(out)
         for b, t in _blocks(*logits.shape):
             x = logits[b, t].float() / temperature
             lse[b, t] = torch.logsumexp(x, dim=-1)
             out[b, t] = x.gather(-1, tokens[b, t].unsqueeze(-1)).squeeze(-1) - lse[b, t]
+            # the entropy, for the logs, from the same block: lse - sum_j p_j x_j (no second full-vocabulary pass)
+            entropy[b, t] = lse[b, t] - (torch.exp(x - lse[b, t].unsqueeze(-1)) * x).sum(-1)
             del x
         ctx.save_for_backward(logits, tokens, lse)
         ctx.temperature = temperature
-        return out
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_entropy):
         logits, tokens, lse = ctx.saved_tensors
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         for b, t in _blocks(*logits.shape):
@@ -111,24 +114,29 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     """log pi(token) at the sampling temperature, in fp32 (trl#2358: logprobs at T=1 of samples drawn at T make
     PPO off-policy from step one; OpenRLHF PR #634: bf16 logits make KL noisy), computed block by block so no
     fp32 / temperature-scaled / log-softmax copy of the [B, T, vocab] logits is ever made (pitfall 18)."""
+    return _SelectiveLogSoftmax.apply(logits, tokens, float(temperature))[0]
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logprobs_from_logits and, from the same blocks, the per-token entropy (no gradient: for the logs)."""
     return _SelectiveLogSoftmax.apply(logits, tokens, float(temperature))
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token entropy of the sampling distribution; always >= 0. Differentiable (full-vocabulary temporaries):
-    use it only when the entropy bonus is on, and entropy_no_grad for logging."""
+    use it only when the entropy bonus is on; logprobs_and_entropy gives it for logging."""
     logits = logits.float() / temperature
     p = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)
 
 
-@torch.no_grad()
-def entropy_no_grad(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """entropy_from_logits for logging: no graph, block by block, no full-vocabulary copy."""
-    out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
-    for b, t in _blocks(*logits.shape):
-        out[b, t] = entropy_from_logits(logits[b, t], temperature)
-    return out
+def vocab_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-position exact KL(pi || ref) = sum_v pi_v (log pi_v - log ref_v) of the sampling distributions, in fp32;
+    differentiable in `logits` (full-vocabulary temporaries: the price of seeing every token, not the sampled one)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    ref = torch.log_softmax(ref_logits.float() / temperature, dim=-1)
+    return (logp.exp() * (logp - ref)).sum(dim=-1)
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

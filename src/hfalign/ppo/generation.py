@@ -6,8 +6,8 @@ On-policy sampling (pitfall 16): transformers fills every sampling field left un
 generation_config.json and then from library defaults (top_k=50), while PPO's logprobs describe the plain softmax at
 the temperature. So generation runs with a config hfalign owns entirely (the checkpoint's is swapped out for the
 call, and top_k=0 is explicit); a checkpoint whose generation_config asks for other sampling is told, once, that it is
-ignored. top_k / top_p from the recipe are honoured; then sampling draws from the truncated distribution while the
-logprobs stay those of the full softmax, so PPO is slightly off-policy (README: PPO).
+ignored. top_k / top_p from the recipe are honoured, and said to be off-policy: sampling draws from the truncated
+distribution while the logprobs stay those of the full softmax (README: On-policy sampling).
 """
 
 from __future__ import annotations
@@ -88,11 +88,19 @@ class HFGenerator:
         return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad) for o in outs])
 
     def _tell_once(self, model) -> None:
-        ignored = ignored_sampling_fields(model)
-        if ignored and not self._told and self.args.process_index == 0:
+        if self._told or self.args.process_index != 0:
+            self._told = True
+            return
+        a, ignored = self.args, ignored_sampling_fields(model)
+        truncated = [f"{k}={v}" for k, v in (("top_k", a.top_k), ("top_p", a.top_p)) if v not in (0, None, 1.0)]
+        if ignored:
             print(f"hfalign: the checkpoint's generation_config sets {ignored}; PPO ignores it and samples from the "
-                  "softmax at train.temperature (with train.top_k / train.top_p if set), so logprobs describe what "
-                  "was sampled", flush=True)
+                  "softmax at train.temperature" + (" (truncated, see below)" if truncated else ", so logprobs "
+                                                    "describe what was sampled"), flush=True)
+        if truncated:
+            print(f"hfalign: train.{' and train.'.join(truncated)} truncates sampling, while logprobs and KL are "
+                  "those of the full softmax: the update is off-policy, and tokens outside the cut are never sampled, "
+                  "so never pushed down. Leave them unset to sample on-policy (README: On-policy sampling)", flush=True)
         self._told = True
 
 

@@ -97,10 +97,17 @@ class PolicyAndValue(nn.Module):
         for m in (self.policy, self.critic):
             if m is not None:
                 m.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
-        if self.shared:
-            for module in self.policy.modules():
-                fn = getattr(module, "_gradient_checkpointing_func", None)
-                if fn is not None and not getattr(fn, "role_aware", False):
+        self.wrap_checkpointed_layers()
+
+    def wrap_checkpointed_layers(self) -> None:
+        """Make every checkpointed layer of the shared base role-aware (pitfall 17) -- also layers that arrived
+        checkpointed (PEFT's prepare_model_for_kbit_training turns checkpointing on by default), which
+        activation_checkpointing_enable never saw."""
+        for module in self.policy.modules():
+            fn = getattr(module, "_gradient_checkpointing_func", None)
+            if fn is not None and getattr(module, "gradient_checkpointing", False):
+                self._checkpointing = True
+                if self.shared and not getattr(fn, "role_aware", False):
                     module._gradient_checkpointing_func = self._role_aware(fn)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):  # the pre-5 name
@@ -222,6 +229,14 @@ class PolicyAndValue(nn.Module):
         if role == "ref" and self.ref is not None:
             return self.ref, contextlib.nullcontext()
         return self.policy, self.adapters(role)
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        """The policy's trainable parameters: its own model's, or on a shared base the policy adapter's (every
+        trainable base parameter that is not the value adapter's)."""
+        if not self.shared:
+            return [p for p in self.policy.parameters() if p.requires_grad]
+        return [p for n, p in self.policy.named_parameters()
+                if p.requires_grad and ".value." not in n and not n.endswith(".value")]
 
     # -- saving ------------------------------------------------------------------------------------------------
     def split_state_dict(self, state_dict: dict) -> tuple[dict, dict]:

@@ -32,11 +32,13 @@ class Rollout:
 
 
 def prompt_batches(n: int, batch: int, rank: int, world: int, seed: int):
-    """Endless per-process index batches: a fresh seeded permutation per pass, sharded by rank, full batches only."""
+    """Endless per-process index batches: a fresh seeded permutation per pass, cut to a multiple of the process count
+    and sharded by rank (as DistributedSampler with drop_last), so every rank has as many prompts, all ranks walk the
+    same pass in step, and no update holds a prompt twice; full batches only."""
     epoch = 0
     while True:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        mine = perm[rank::world]
+        mine = perm[:n - n % world][rank::world]
         for start in range(0, len(mine) - batch + 1, batch):
             yield mine[start:start + batch]
         epoch += 1

@@ -57,6 +57,8 @@ class PPOTrainer(Trainer):
         padded here)."""
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
+        if args.stop_token is not None and args.stop_token_id is not None:
+            raise ValueError("You cannot set both `stop_token` and `stop_token_id`.")  # TRL 1.12's own words
         if ref_model is not None and ref_model is model:
             raise ValueError("`model` and `ref_model` cannot be the same object: pass a copy, or None with peft_config")
         if args.push_to_hub and _hub_offline():
@@ -86,8 +88,31 @@ class PPOTrainer(Trainer):
         self.moments = core.RunningMoments()
         self.episode = 0
         self.lr_scale = 1.0  # the adaptive-lr controller's factor on the configured learning rate (and its schedule)
+        self.vetted: set[int] = set()  # steps whose weights passed the guards (ppo/guards.py): rollback targets
         self.adaptive_lr = args.adaptive_lr if args.adaptive_lr is not None else model.policy_is_adapter
         self._note_not_acted_on()
+
+    # -- TRL 1.12's attributes, for scripts that read them ---------------------------------------------------------
+    @property
+    def policy_model(self):
+        """The policy (on a shared base: the PEFT model, with the policy adapter active while training)."""
+        return self.model.policy
+
+    @property
+    def ref_model(self):
+        """The frozen reference; None on a shared base, where it is the base with adapters off (as TRL with PEFT)."""
+        return self.model.ref
+
+    @property
+    def reward_model(self):
+        """The reward model, or the reward function; None on a shared base (the reward is an adapter stack there)."""
+        return self.reward_fn if self.reward_fn is not None else self.model.reward
+
+    @property
+    def value_model(self):
+        """The critic's model; on a shared base the PEFT model that carries the 'value' adapter (its head:
+        trainer.model.value_head)."""
+        return self.model.value_model if self.model.value_model is not None else self.model.policy
 
     def _note_not_acted_on(self) -> None:
         """TRL 1.12 fields this trainer accepts and does not use, said once each when set."""
@@ -200,7 +225,7 @@ class PPOTrainer(Trainer):
         stats, steps, undo, limit, rejected = defaultdict(list), 0, None, a.early_stop_kl, False
         model.train()
         for _ in range(a.num_ppo_epochs):
-            order = torch.randperm(p.rollout_batch)
+            order = torch.randperm(p.rollout_batch, device=r.full.device)  # on the device: indexing never syncs
             epoch_kl = []
             for mb_start in range(0, p.rollout_batch, p.mini_batch):
                 micro_starts = range(mb_start, mb_start + p.mini_batch, p.micro_batch)
@@ -222,6 +247,12 @@ class PPOTrainer(Trainer):
                     if steps:  # the update's first minibatch measures the rollout's own weights (KL 0): no evidence
                         self.scale_lr(core.adaptive_lr_scale(self.lr_scale, moved, a.adaptive_lr_target) / self.lr_scale)
                     undo = self._step_snapshot()
+                if self._warming_up() and not self.is_deepspeed_enabled:
+                    # critic warm-up: the policy's gradients are zeros (DDP needs every parameter in the graph); as
+                    # None instead, AdamW skips them -- no step count, no moments, no weight decay -- so the policy
+                    # does not move and its optimizer state starts clean after the warm-up
+                    for q in self.model.policy_parameters():
+                        q.grad = None
                 if a.max_grad_norm:
                     acc.clip_grad_norm_(model.parameters(), a.max_grad_norm)
                 self.optimizer.step()
@@ -233,11 +264,16 @@ class PPOTrainer(Trainer):
                 break
         if undo is not None and not rejected and limit is not None and self._probe_kl(r) > limit:  # the last step
             rejected = self._undo_step(undo)
+        for _ in range(p.optimizer_steps_per_update - steps):  # the schedule follows the plan, early stop or not
+            self.lr_scheduler.step()
         model.eval()
         means = {k: torch.stack(v).mean() for k, v in stats.items()}
         if self.adaptive_lr:
             means["train/rejected_steps"] = torch.tensor(float(rejected))
         return means, steps - int(rejected)
+
+    def _warming_up(self) -> bool:
+        return self.state.global_step < self.args.value_warmup_updates
 
     def _step_snapshot(self) -> dict | None:
         """The trainable weights and optimizer state before a step, to undo it (None under DeepSpeed, whose engine
@@ -272,21 +308,30 @@ class PPOTrainer(Trainer):
         """Forward and backward of one micro-batch; the loss is divided by the accumulation steps. Stats stay on the
         device (detached): the update syncs once, at its end."""
         a, Q, mask = self.args, r.prompt_width, r.mask[idx]
+        assert idx.device == r.full.device, "a host-side index would sync the device at every micro-step"
         logits, vpred = model(r.full[idx], r.attn[idx], r.pos[idx], mode="train", logits_to_keep=r.mask.shape[1] + 1)
         logits = logits[:, :-1]
-        new_logprobs = core.logprobs_from_logits(logits, r.responses[idx], a.temperature)
+        new_logprobs, token_entropy = core.logprobs_and_entropy(logits, r.responses[idx], a.temperature)
         pg_loss, pg = core.policy_loss(new_logprobs, r.logprobs[idx], advantages[idx], mask, a.cliprange)
         vf_loss, vf_clipfrac = core.value_loss(vpred[:, Q - 1:-1], r.values[idx], returns[idx], mask, a.cliprange_value)
-        warming_up = self.state.global_step < a.value_warmup_updates  # critic warm-up: the policy does not move
+        warming_up = self._warming_up()  # the policy's zero gradients are dropped before the step (ppo_update)
         loss = (0.0 if warming_up else 1.0) * pg_loss + a.vf_coef * vf_loss
-        if a.entropy_coef:  # only then is entropy part of the graph (its full-vocabulary temporaries are not small)
+        if a.entropy_coef and not warming_up:  # only then is entropy in the graph (its full-vocabulary temporaries)
             entropy = core.masked_mean(core.entropy_from_logits(logits, a.temperature), mask)
             loss = loss - a.entropy_coef * entropy
         else:
-            entropy = core.masked_mean(core.entropy_no_grad(logits, a.temperature), mask)
+            entropy = core.masked_mean(token_entropy, mask)
+        stats = {}
+        if a.vocab_kl_coef and not warming_up:  # the whole distribution, not only the sampled token, kept near ref
+            with torch.no_grad():
+                ref_logits = model(r.full[idx], r.attn[idx], r.pos[idx], mode="ref", logits_to_keep=r.mask.shape[1] + 1)
+            vocab_kl = core.masked_mean(core.vocab_kl(logits, ref_logits[:, :-1], a.temperature), mask)
+            del ref_logits
+            loss = loss + a.vocab_kl_coef * vocab_kl
+            stats["policy/vocab_kl"] = vocab_kl
         kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}  # we scale; DeepSpeed must not again
         self.accelerator.backward(loss / a.gradient_accumulation_steps, **kwargs)
-        stats = {"policy/approxkl_avg": pg["approxkl"], "policy/clipfrac_avg": pg["clipfrac"], "loss/policy_avg": pg_loss,
+        stats |= {"policy/approxkl_avg": pg["approxkl"], "policy/clipfrac_avg": pg["clipfrac"], "loss/policy_avg": pg_loss,
                  "loss/value_avg": vf_loss, "val/clipfrac_avg": vf_clipfrac, "policy/entropy_avg": entropy,
                  "val/ratio": pg["ratio"], "val/ratio_var": pg["ratio_var"]}
         return {k: v.detach().float() for k, v in stats.items()}
@@ -317,12 +362,16 @@ class PPOTrainer(Trainer):
         self.state.max_steps, self.state.logging_steps, self.state.save_steps = p.num_updates, a.logging_steps, a.save_steps
         self.state.train_batch_size = p.global_rollout_batch
         self.state.is_local_process_zero, self.state.is_world_process_zero = self.is_local_process_zero(), self.is_world_process_zero()
+        self.model.wrap_checkpointed_layers()  # a model that arrived checkpointed, not through args
         if self.is_deepspeed_enabled and (a.bf16 or a.fp16):
             self.model.store_heads_as(torch.bfloat16 if a.bf16 else torch.float16)
         model, _ = self._prepare_for_training(p.total_optimizer_steps, None, resume_from_checkpoint)
         model.eval()  # dropout is off anyway; eval() also keeps any remaining stochastic layers deterministic
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
+            # this run's plan: a resume with more total_episodes goes on to the new end
+            self.state.max_steps, self.state.logging_steps, self.state.save_steps = p.num_updates, a.logging_steps, a.save_steps
+        self.state.episode = self.episode  # TRL 1.12's OnlineTrainerState field
         guards.prepare(self, resuming=bool(resume_from_checkpoint))
         if self.is_world_process_zero():
             print("hfalign ppo plan: " + ", ".join(f"{k}={v}" for k, v in vars(p).items()), flush=True)
@@ -337,6 +386,7 @@ class PPOTrainer(Trainer):
             for k, v in metrics.items():
                 history[k].append(v)
             self.state.global_step += 1
+            self.state.episode = self.episode  # TRL 1.12's OnlineTrainerState field
             self.state.epoch = self.episode / max(1, len(self.prompts))
             eps = (self.episode - start_episode) / (time.perf_counter() - start)  # this process's run, not a resumed one's
             metrics.update({"eps": eps, "episode": self.episode,
@@ -435,8 +485,31 @@ class PPOTrainer(Trainer):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
                 json.dump({"kl_coef": self.kl_coef, "episode": self.episode, "moments": self.moments.state(),
-                           "lr_scale": self.lr_scale}, f)
+                           "lr_scale": self.lr_scale, "vetted": sorted(self.vetted), "guards": guards.state(self),
+                           "batch": _batch_shape(self.plan)}, f)
+        # rotation (save_total_limit) keeps the newest checkpoint and Trainer's "best" one: for PPO, the newest vetted
+        self.state.best_model_checkpoint = guards.newest_vetted(self)
         super()._save_checkpoint(model, trial)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Every rank's rng_state_N.pth is on disk before rank 0 writes trainer_state.json, the file that marks the
+        checkpoint complete (rundir.complete_checkpoint also asks for every rank's file)."""
+        super()._save_rng_state(output_dir)
+        self.accelerator.wait_for_everyone()
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Trainer.train; `resume_from_checkpoint=True` means the newest *complete* checkpoint (transformers' own
+        choice is the highest-numbered one, torn or not)."""
+        if resume_from_checkpoint is True:
+            from pathlib import Path
+
+            from hfalign.rundir import last_checkpoint
+
+            resume_from_checkpoint = last_checkpoint(Path(self.args.output_dir))
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
     def _resume(self, checkpoint: str) -> None:
         self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
@@ -445,9 +518,17 @@ class PPOTrainer(Trainer):
         self._load_callback_state()
         with open(os.path.join(checkpoint, PPO_STATE), encoding="utf-8") as f:
             saved = json.load(f)
+        if saved.get("batch", _batch_shape(self.plan)) != _batch_shape(self.plan):
+            raise UserError(f"{checkpoint} was written by a run whose rollout batch was {saved['batch']}; this run's is "
+                            f"{_batch_shape(self.plan)}. Its step count, data position and schedule mean that batch "
+                            "only, so it cannot go on with another process count or batch size.",
+                            fix="resume with the processes and batch settings the run started with (total_episodes "
+                                "may grow), or start over with overwrite=true")
         self.kl_coef, self.episode = saved["kl_coef"], saved["episode"]
         self.moments = core.RunningMoments(**saved["moments"])
         self.lr_scale = saved.get("lr_scale", 1.0)  # the scaled rate itself comes back with optimizer and scheduler
+        self.vetted = set(saved.get("vetted", [0]))
+        guards.load_state(self, saved.get("guards", []))
         self._load_rng_state(checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -535,6 +616,11 @@ class PPOTrainer(Trainer):
             out["kl"] += (own - r.ref_logprobs).sum(1).tolist()
             out["has_eos"] += r.has_eos.tolist()
         return out
+
+
+def _batch_shape(p) -> dict:
+    """What a checkpoint's step count means: processes x prompts per process per update."""
+    return {"processes": p.world_size, "prompts_per_process": p.rollout_batch}
 
 
 def _hub_offline() -> bool:
