@@ -28,6 +28,19 @@ def launch(config: str, port: int, args: list[str], precision: str | None = None
     return run(launch_cmd(config, port, args, precision))
 
 
+def kill_once_written(cmd: list[str], out, marker) -> None:
+    """Start the run, kill -9 every process of it (the workers run in sessions of their own; each names its
+    output_dir) as soon as `marker` exists, and check that it died mid-way."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    subprocess.run(["pkill", "-9", "-f", f"output_dir={out}"], check=False)
+    proc.wait()
+    time.sleep(0.5)
+    assert marker.exists() and not (out / "hfalign_done.json").exists(), "the run was not killed mid-way"
+
+
 @pytest.mark.parametrize("config, port", [("zero2.yaml", 29541), ("zero3.yaml", 29542)])
 def test_deepspeed_ppo_two_processes(pipeline, tmp_path, config, port):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -149,16 +162,7 @@ def test_two_process_run_killed_and_resumed_logs_each_update_once(pipeline, tmp_
     cmd = launch_cmd("zero2.yaml", 29546, ppo_args(pipeline, out, "train.per_device_train_batch_size=8",
                                                    "train.total_episodes=384", "train.save_steps=2",
                                                    "train.save_total_limit=3"))
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = out / "checkpoint-4" / "trainer_state.json"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    # the workers run in sessions of their own: kill every process of this run (each names its output_dir)
-    subprocess.run(["pkill", "-9", "-f", f"output_dir={out}"], check=False)
-    proc.wait()
-    time.sleep(0.5)
-    assert marker.exists() and not (out / "hfalign_done.json").exists(), "the run was not killed mid-way"
+    kill_once_written(cmd, out, out / "checkpoint-4" / "trainer_state.json")
     for ckpt in rundir.checkpoints(out):  # checkpoint-4 (and any later): as if the kill came mid-save
         if int(ckpt.name.rsplit("-", 1)[-1]) > 2:  # (checkpoint-0: the rollback guards' starting point)
             (ckpt / "trainer_state.json").unlink(missing_ok=True)
@@ -182,15 +186,7 @@ def test_zero2_run_killed_after_a_rollback_resumes_with_the_same_guard_decisions
 
     whole = run(cmd(tmp_path / "whole", 29548))
     out = tmp_path / "cut"
-    proc = subprocess.Popen(cmd(out, 29549), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = out / "checkpoint-2" / "trainer_state.json"  # written by the rollback at update 2
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    subprocess.run(["pkill", "-9", "-f", f"output_dir={out}"], check=False)
-    proc.wait()
-    time.sleep(0.5)
-    assert marker.exists() and not (out / "hfalign_done.json").exists(), "the run was not killed mid-way"
+    kill_once_written(cmd(out, 29549), out, out / "checkpoint-2" / "trainer_state.json")  # the rollback's save
     resumed = run(cmd(out, 29549))
     assert "resuming ppo from" in resumed.stdout
 

@@ -82,15 +82,15 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def forward(ctx, logits, tokens, temperature):  # fp32 whatever autocast is on outside (pitfall 11)
+    def forward(ctx, logits, tokens, temperature, with_entropy):  # fp32 whatever autocast is on outside (pitfall 11)
         out = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)
-        lse, entropy = torch.empty_like(out), torch.empty_like(out)
+        lse, entropy = torch.empty_like(out), torch.empty(tokens.shape if with_entropy else 0, device=logits.device)
         for b, t in _blocks(*logits.shape):
             x = logits[b, t].float() / temperature
             lse[b, t] = torch.logsumexp(x, dim=-1)
             out[b, t] = x.gather(-1, tokens[b, t].unsqueeze(-1)).squeeze(-1) - lse[b, t]
-            # the entropy, for the logs, from the same block: lse - sum_j p_j x_j (no second full-vocabulary pass)
-            entropy[b, t] = lse[b, t] - (torch.exp(x - lse[b, t].unsqueeze(-1)) * x).sum(-1)
+            if with_entropy:  # for the logs, from the same block: lse - sum_j p_j x_j (no second full-vocabulary pass)
+                entropy[b, t] = lse[b, t] - (torch.exp(x - lse[b, t].unsqueeze(-1)) * x).sum(-1)
             del x
         ctx.save_for_backward(logits, tokens, lse)
         ctx.temperature = temperature
@@ -107,20 +107,20 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
             block = -probs * g  # d/dx_j (x_token - lse) = 1[j = token] - p_j, times 1/T
             block.scatter_add_(-1, tokens[b, t].unsqueeze(-1), g)
             grad[b, t] = (block / ctx.temperature).to(grad.dtype)
-        return grad, None, None
+        return grad, None, None, None
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(token) at the sampling temperature, in fp32 (trl#2358: logprobs at T=1 of samples drawn at T make
     PPO off-policy from step one; OpenRLHF PR #634: bf16 logits make KL noisy), computed block by block so no
     fp32 / temperature-scaled / log-softmax copy of the [B, T, vocab] logits is ever made (pitfall 18)."""
-    return _SelectiveLogSoftmax.apply(logits, tokens, float(temperature))[0]
+    return _SelectiveLogSoftmax.apply(logits, tokens, float(temperature), False)[0]
 
 
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """logprobs_from_logits and, from the same blocks, the per-token entropy (no gradient: for the logs)."""
-    return _SelectiveLogSoftmax.apply(logits, tokens, float(temperature))
+    return _SelectiveLogSoftmax.apply(logits, tokens, float(temperature), True)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
