@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, as two calls for the device machine (../shared/GPU.md), run from the repository root there:
 #   bash benchmarks/gpu_check.sh main    carry .whl (../shared/gpu/fetch_wheels.sh) and .trl112
-#                                        (pip install --no-deps --target .trl112 trl==1.12.0)
+#                                        (pip install --no-deps --target .trl112 trl==1.12.0); includes the host-sync
+#                                        check of one update (benchmarks/sync_check.py, 1-sync.log)
 #   bash benchmarks/gpu_check.sh qlora   carry .whl and .bnb (bitsandbytes; 61 MiB together): QLoRA, the 152k-vocab
 #                                        memory case, then hfalign alone on the 0.7B benchmark
 #   bash benchmarks/gpu_check.sh lora    carry .whl and .bnb: recipes/lora and its -qlora variant (bf16 compute, CUDA
@@ -24,6 +25,8 @@ if [ "$part" = main ]; then
     t=$SECONDS; timeout 150 python3 -m hfalign "recipes/$s.yaml" >> "$OUT/1-default.log" 2>&1
     echo "== $s rc=$? $((SECONDS - t)) s" >> "$OUT/1-default.log"
   done
+  timeout 120 python3 benchmarks/sync_check.py --sft outputs/sft --rm outputs/rm > "$OUT/1-sync.log" 2>&1
+  echo "== rc=$?" >> "$OUT/1-sync.log"
   timeout 200 python3 benchmarks/ppo_gpu.py --trl-path .trl112 > "$OUT/2-vs-trl.log" 2>&1
   timeout 90 python3 benchmarks/ppo_memory.py --device cuda --baseline none --prompt-tokens 512 --new-tokens 512 \
     > "$OUT/3-memory-152k.log" 2>&1

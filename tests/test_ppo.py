@@ -192,11 +192,15 @@ def test_lora_shared_base_trains_and_saves_adapters(lora_pipeline, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora_run"
-    code, _, err = train_shipped("ppo.yaml", f"output_dir={out}",
+    code, stdout, err = train_shipped("ppo.yaml", f"output_dir={out}",
                                 f"model.name_or_path={lora_pipeline['base']}", f"model.adapter={lora_pipeline['sft']}",
                                 f"reward.model={lora_pipeline['rm']}", "lora.enabled=true", "lora.r=8",
                                 "train.total_episodes=128", "train.num_eval_prompts=8", "train.learning_rate=1e-2")
     assert code == 0, err[-3000:]
+    # a LoRA policy's acting defaults: the trust region and the reference-tail KL, on and said so
+    assert "hfalign ppo step control: adaptive_lr on, vocab_kl_coef 3 (mass on tokens the reference gives < 0.001)" in stdout
+    updates = read_jsonl(out / "metrics.jsonl", having="objective/kl")
+    assert all("policy/vocab_kl" in u for u in updates) and updates[-1]["policy/vocab_kl"] > 0
     before = load_file(str(lora_pipeline["sft"] / "adapter_model.safetensors"))
     after = load_file(str(out / "adapter_model.safetensors"))
     assert before.keys() == after.keys()
@@ -302,6 +306,7 @@ def test_api_with_peft_config(pipeline, tmp_path):
     assert any(".value." in n for n in changed) and any(".default." in n for n in changed)
     trainer.save_model(str(tmp_path / "peft_out"))
     assert (tmp_path / "peft_out" / "adapter_model.safetensors").exists()
+    assert trainer.vocab_kl_coef == 3.0 and "policy/vocab_kl" in logged(trainer)[-1]  # a LoRA policy's default, here too
 
 
 def test_kl_guard_stops_and_saves(pipeline, tmp_path):
@@ -383,14 +388,63 @@ def test_reward_stack_reuses_the_sft_adapter_however_its_path_is_spelled(lora_pi
 
 
 def test_vocab_kl_term_is_logged_and_pulls_the_policy_to_the_reference(pipeline, tmp_path):
-    """train.vocab_kl_coef: the exact KL over the whole vocabulary at the rollout's response positions joins the loss
-    (logged as policy/vocab_kl); a large coefficient keeps the policy nearer the reference than none does."""
+    """train.vocab_kl_coef with vocab_kl_tail null: the exact KL over the whole vocabulary at the rollout's response
+    positions joins the loss (logged as policy/vocab_kl); a large coefficient keeps the policy nearer the reference
+    than none does."""
     free = api_trainer(pipeline, tmp_path / "free", total_episodes=32, learning_rate=1e-2, early_stop_kl=None)
     free.train()
     held = api_trainer(pipeline, tmp_path / "held", total_episodes=32, learning_rate=1e-2, early_stop_kl=None,
-                       vocab_kl_coef=100.0)
+                       vocab_kl_coef=100.0, vocab_kl_tail=None)
     held.train()
-    assert "policy/vocab_kl" not in logged(free)[-1]
+    assert free.vocab_kl_coef == 0.0 and "policy/vocab_kl" not in logged(free)[-1]  # full fine-tuning: off by default
     last = logged(held)[-1]
     assert last["policy/vocab_kl"] > 0
     assert last["objective/kl"] < logged(free)[-1]["objective/kl"]
+
+
+def test_scores_are_logged_raw_and_logs_follow_logging_steps(pipeline, tmp_path):
+    """README's TRL table: `objective/scores` is the reward's raw score (TRL 1.12 logged it after the missing-EOS
+    penalty), the penalty shows in `objective/rlhf_reward`; and an update is logged every `logging_steps` (TRL 1.12
+    logged every one)."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(pipeline["sft"], padding_side="left")
+    args = PPOConfig(output_dir=str(tmp_path / "raw"), per_device_train_batch_size=8, total_episodes=32,
+                     response_length=3, missing_eos_penalty=3.0, normalize_scores=False, logging_steps=2,
+                     report_to="none", save_strategy="no", seed=0)
+    trainer = PPOTrainer(args=args, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(pipeline["sft"]),
+                         reward_model=lambda prompts, completions: [1.0] * len(completions),
+                         value_model=AutoModelForSequenceClassification.from_pretrained(pipeline["rm"]),
+                         train_dataset=datasets.Dataset.from_list(read_jsonl(ROOT / "data/ppo_prompts.jsonl")[:32]))
+    trainer.train()
+    logs = logged(trainer)
+    assert [h["step"] for h in logs] == [2, 4]  # 4 updates, logging_steps 2
+    for h in logs:
+        assert h["objective/scores"] == 1.0 and h["val/truncated_frac"] > 0  # 3 tokens: most responses are cut
+        shaped = 1.0 - 3.0 * h["val/truncated_frac"]
+        assert h["objective/rlhf_reward"] == pytest.approx(shaped + h["objective/non_score_reward"], abs=1e-5)
+
+
+def test_a_reference_pass_on_the_raw_base_keeps_the_value_adapter_trainable(pipeline):
+    """With the reference = the base with adapters off (TRL-style peft_config, or a recipe's LoRA from the raw base),
+    PEFT re-enables the layers through set_adapter, which froze every inactive adapter: the value adapter stopped
+    training whenever a reference pass came between a forward and its backward (the reference-tail KL's does)."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from hfalign.ppo.build import from_trl_args
+
+    wrapper = from_trl_args(AutoModelForCausalLM.from_pretrained(pipeline["sft"]), None,
+                            AutoModelForSequenceClassification.from_pretrained(pipeline["rm"]), None,
+                            LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainable = {n for n, p in wrapper.named_parameters() if p.requires_grad}
+    assert any(".value." in n for n in trainable) and any(".default." in n for n in trainable)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mask = torch.ones_like(ids)
+    logits, values = wrapper(ids, mask, core.position_ids(mask), mode="train")
+    with torch.no_grad():
+        wrapper(ids, mask, core.position_ids(mask), mode="ref")
+    assert {n for n, p in wrapper.named_parameters() if p.requires_grad} == trainable
+    (logits.float().mean() + values.mean()).backward()
+    assert all(p.grad is not None for n, p in wrapper.named_parameters() if ".value." in n and "lora_B" in n)

@@ -197,6 +197,46 @@ def test_prompt_shards_are_equal_so_ranks_stay_in_step():
     assert len({i for _ in range(5) for i in next(one)}) == 15
 
 
+def test_tail_kl_by_hand():
+    """ref = (0.6, 0.39, 0.01), tail below 0.05 = {token 2}, q = 0.01. pi = (0.5, 0.3, 0.2) put p = 0.2 there:
+    0.2 ln(0.2/0.01) + 0.8 ln(0.8/0.99) = 0.428672. pi = (0.3, 0.69, 0.01) only reshaped the head: 0, where the exact
+    KL is 0.3 ln(0.5) + 0.69 ln(0.69/0.39) = 0.185732. The gradient lowers the tail token and spares the head."""
+    ref = torch.tensor([[[0.6, 0.39, 0.01]]]).log()
+    moved = torch.tensor([[[0.5, 0.3, 0.2]]]).log().requires_grad_(True)
+    kl = core.tail_kl(moved, ref, tail=0.05)
+    assert kl.item() == pytest.approx(0.2 * math.log(20) + 0.8 * math.log(0.8 / 0.99), abs=1e-5)
+    reshaped = torch.tensor([[[0.3, 0.69, 0.01]]]).log()
+    assert core.tail_kl(reshaped, ref, tail=0.05).item() == pytest.approx(0.0, abs=1e-6)
+    assert core.vocab_kl(reshaped, ref).item() == pytest.approx(0.3 * math.log(0.5) + 0.69 * math.log(0.69 / 0.39), abs=1e-5)
+    assert core.tail_kl(ref, ref, tail=0.05).item() == pytest.approx(0.0, abs=1e-6)
+    kl.sum().backward()
+    assert moved.grad[0, 0, 2] > 0 and moved.grad[0, 0, 0] < 0 and moved.grad[0, 0, 1] < 0  # descent lowers the tail
+
+
+@pytest.mark.parametrize("block", [2**25, 7])  # one block; blocks of single positions
+def test_tail_kl_in_blocks_equals_the_plain_formula_with_its_gradient(monkeypatch, block):
+    """The blocked autograd function against the formula written with full-vocabulary tensors, values and gradients,
+    at T = 0.7, with bf16 logits too (computed in fp32 inside)."""
+    monkeypatch.setattr(core, "BLOCK_ELEMENTS", block)
+
+    def plain(z, r, tail, temperature):
+        logp, ref = torch.log_softmax(z.float() / temperature, -1), torch.log_softmax(r.float() / temperature, -1)
+        mask = ref < math.log(tail)
+        p, q = (logp.exp() * mask).sum(-1), (ref.exp() * mask).sum(-1)
+        return p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+
+    torch.manual_seed(0)
+    ref = torch.randn(2, 5, 50) * 3
+    for dtype in (torch.float32, torch.bfloat16):
+        z = (ref + torch.randn(2, 5, 50)).to(dtype).requires_grad_(True)
+        weights = torch.rand(2, 5)
+        (core.tail_kl(z, ref, 0.01, 0.7) * weights).sum().backward()
+        got, z.grad = z.grad.clone(), None
+        (plain(z, ref, 0.01, 0.7) * weights).sum().backward()
+        assert torch.allclose(core.tail_kl(z, ref, 0.01, 0.7), plain(z, ref, 0.01, 0.7), atol=1e-5)
+        assert got.dtype == dtype and torch.allclose(got.float(), z.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-3)
+
+
 def test_vocab_kl_by_hand():
     """pi = (1/4, 3/4), ref uniform: KL = 1/4 ln(1/2) + 3/4 ln(3/2) = 0.130812; at T = 2 pi = (1/3, 2/3) over
     logits (0, ln 4): 1/3 ln(2/3) + 2/3 ln(4/3) = 0.056633; 0 where the two agree; the gradient flows to the policy."""

@@ -9,8 +9,8 @@ from helpers import ROOT, read_jsonl
 from transformers import TrainerCallback
 
 from hfalign import callbacks, recipe
-from hfalign.callback_types import CollapseGuardCallback, KLGuardCallback
 from hfalign.ppo import core
+from hfalign.ppo.guards import CollapseGuardCallback, KLGuardCallback
 
 
 def make(pipeline, out, guard_callbacks, **overrides):

@@ -85,8 +85,28 @@ def test_torn_checkpoint_is_passed_over(pipeline, tmp_path):
     weights = out / "checkpoint-4" / "trainable.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # cut off mid-write
     assert rundir.last_checkpoint(out).endswith("checkpoint-2")
+    # the next run's start (resume: true) deletes the torn one, keeps and resumes from the complete one
+    recipe = write_recipe(tmp_path, {"stage": "ppo", "output_dir": str(out), "resume": True,
+                                     "model": {"name_or_path": str(pipeline["sft"])},
+                                     "data": {"train": str(ROOT / "data/ppo_prompts.jsonl")},
+                                     "reward": {"function": "hfalign.demo.task:positivity_reward"}})
+    assert rundir.prepare(recipe, is_main=True, logs={}).endswith("checkpoint-2")
+    assert [p.name for p in rundir.checkpoints(out)] == ["checkpoint-2"] and not weights.exists()
     (out / "checkpoint-2" / "trainer_state.json").unlink()  # not yet written when the kill came
     assert rundir.last_checkpoint(out) is None
+    # nothing complete left: a fresh start in our own run directory, the torn one removed
+    assert rundir.prepare(recipe, is_main=True, logs={}) is None and rundir.checkpoints(out) == []
+    assert rundir.prepare(recipe, is_main=True, logs={}) is None and rundir.checkpoints(out) == []
+
+
+def write_recipe(tmp_path, data: dict):
+    import yaml
+
+    from hfalign.recipe import load
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return load(path)
 
 
 def test_checkpoint_of_another_model_is_refused(pipeline, tmp_path):

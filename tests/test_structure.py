@@ -40,6 +40,68 @@ def test_recipe_module_imports_no_stage_and_nothing_of_ppo():
     assert {m for m in imported if m.startswith("hfalign")} <= {"hfalign.errors", "hfalign.schema"}
 
 
+def _import_graph() -> dict[str, set[str]]:
+    """hfalign module -> the hfalign modules it imports, at module level or inside a function (a circle through a
+    function-level import is still a circle in the design). Importing a submodule runs its packages first, so an edge
+    goes to each of them too. A package's PEP 562 `__getattr__` re-exports lazily and is not counted."""
+    import ast
+
+    from helpers import ROOT
+
+    src = ROOT / "src"
+    modules = {".".join(f.relative_to(src).with_suffix("").parts).removesuffix(".__init__"): f
+               for f in (src / "hfalign").rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        lazy = {id(n) for fn in tree.body if isinstance(fn, ast.FunctionDef) and fn.name == "__getattr__"
+                for n in ast.walk(fn)}
+        named = set()
+        for node in ast.walk(tree):
+            if id(node) in lazy:
+                continue
+            if isinstance(node, ast.Import):
+                named |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                named |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                          for a in node.names}
+        graph[name] = {".".join(m.split(".")[:i]) for m in named if m.startswith("hfalign.")
+                       for i in range(2, m.count(".") + 2) if ".".join(m.split(".")[:i]) in modules} - {name}
+    return graph
+
+
+def test_no_import_circles_between_modules():
+    """Layers, not circles: no hfalign module reaches itself through imports (issue 18 found stages/__init__ ->
+    trainargs -> trainfields -> stages/__init__; trainfields and trainargs are now handed the stage's config class)."""
+    graph = _import_graph()
+    assert "hfalign.stages" not in graph["hfalign.trainfields"] | graph["hfalign.trainargs"]
+
+    def reaches(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    circles = sorted(name for name in graph if name in reaches(name))
+    assert not circles, circles
+
+
+def test_the_ppo_modules_stay_small_and_split_by_role():
+    """A stage reads top to bottom: no PPO module past 400 lines; the loop (trainer.py), checkpoints and resume,
+    the TRL 1.12 surface, guards (watching and acting) and the model parts (build.py) each in their own module."""
+    from helpers import ROOT
+
+    sizes = {f.name: len(f.read_text().splitlines()) for f in (ROOT / "src/hfalign/ppo").glob("*.py")}
+    assert max(sizes.values()) <= 400, sizes
+    from hfalign.ppo import build, guards, policy_value
+
+    assert all(hasattr(build, n) for n in ("freeze", "linear_head", "fp32_score_head", "read_adapter_head", "adapter_base"))
+    assert not any(hasattr(policy_value, n) for n in ("freeze", "linear_head", "read_adapter_head", "adapter_base"))
+    assert all(hasattr(guards, n) for n in ("Guard", "KLGuardCallback", "CollapseGuardCallback", "check", "act"))
+
+
 def test_families_table_holds_the_four_families():
     assert {"llama", "glm", "glm4", "chatglm"} <= set(models.FAMILIES)
     chatglm = models.family("chatglm")
@@ -75,7 +137,8 @@ class _ChatGLMLikeClassifier(torch.nn.Module):
 
 def test_family_table_drives_head_name_and_hidden_layout():
     """A ChatGLM-style critic: head found by the family's name, made fp32, hidden states read batch-first."""
-    from hfalign.ppo.policy_value import PolicyAndValue, fp32_score_head, head_from
+    from hfalign.ppo.build import fp32_score_head
+    from hfalign.ppo.policy_value import PolicyAndValue, head_from
 
     critic = _ChatGLMLikeClassifier()
     fp32_score_head(critic)

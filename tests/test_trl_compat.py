@@ -2,7 +2,7 @@
 
     from trl.experimental.ppo import PPOConfig, PPOTrainer   ->   from hfalign.ppo import PPOConfig, PPOTrainer
 
-`TestPPOTrainer` is TRL's (huggingface/trl tests/experimental/test_ppo_trainer.py at f2cd577, the last tree with PPO):
+`TestPPOTrainer` is TRL's (huggingface/trl tests/experimental/test_ppo_trainer.py at f2cd577, version 1.10.0.dev0):
 setup, training calls and assertions as TRL wrote them. What differs is only where things come from, offline: the hub
 ids become local tiny models built here (a Qwen2 as TRL's test uses, and a LLaMA; each with a sequence-classification
 twin), and trl-internal-testing/zen becomes local files of the same shape. The example scripts are TRL's files

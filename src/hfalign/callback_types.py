@@ -1,4 +1,5 @@
 """The TrainerCallbacks hfalign ships (recipes name them through hfalign.callbacks' registry, which builds them).
+The PPO guards live in hfalign.ppo.guards, beside the code that acts on their verdicts.
 This module imports transformers; hfalign.callbacks does not, so checking a recipe's callbacks stays cheap."""
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from hfalign.ppo.guards import CollapseGuardCallback, KLGuardCallback  # noqa: F401 (built by name from here)
 
 
 def _fmt(value) -> str:
@@ -79,84 +82,6 @@ def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-class Guard(TrainerCallback):
-    """A PPO guard: after every update `trip(metrics)` answers why the run is going wrong, or None. PPOTrainer then
-    acts: `warn` prints, `stop` saves a checkpoint and stops, `rollback` restores the newest checkpoint's weights and
-    optimizer state and continues with the KL coefficient times `kl_factor` and the learning rate times `lr_factor`
-    (at most `max_rollbacks` times, then it stops). Reward hacking shows as KL running away or answers collapsing
-    while the score rises (PPO_NOTES #15, "Secrets of RLHF" §5)."""
-
-    name = "guard"
-
-    def __init__(self, action: str = "warn", kl_factor: float = 2.0, lr_factor: float = 1.0, max_rollbacks: int = 3):
-        self.action, self.kl_factor, self.lr_factor, self.max_rollbacks = action, kl_factor, lr_factor, max_rollbacks
-        self.rollbacks = 0
-
-    def trip(self, metrics: dict) -> str | None:
-        raise NotImplementedError
-
-    def state_dict(self) -> dict:
-        """What a checkpoint keeps so that a resumed run decides as the uninterrupted one (PPOTrainer saves it)."""
-        return {"rollbacks": self.rollbacks}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rollbacks = state["rollbacks"]
-
-
-class KLGuardCallback(Guard):
-    """objective/kl above `max_kl` (nats per response)."""
-
-    name = "KL guard"
-
-    def __init__(self, max_kl: float, action: str = "warn", **kw):
-        super().__init__(action, **kw)
-        self.max_kl = max_kl
-
-    def trip(self, metrics: dict) -> str | None:
-        kl = metrics.get("objective/kl")
-        return None if kl is None or kl <= self.max_kl else f"objective/kl {kl:.3g} > max_kl {self.max_kl}"
-
-
-class CollapseGuardCallback(Guard):
-    """Answers degenerating while the score is above its mean over the first `window` updates: response length or
-    entropy below `drop` x their early mean, or the share of repeated bigrams in a response (val/repetition) above
-    its early mean + `rise`. The policy found short, certain or repetitive answers the reward model still likes."""
-
-    name = "collapse guard"
-    FALLING = ("val/response_length", "policy/entropy_avg")
-    RISING = ("val/repetition",)  # optional: a metric stream without it is watched for the falling ones only
-
-    def __init__(self, window: int = 5, drop: float = 0.5, rise: float = 0.15, action: str = "warn", **kw):
-        super().__init__(action, **kw)
-        self.window, self.drop, self.rise, self.seen = window, drop, rise, []
-
-    def trip(self, metrics: dict) -> str | None:
-        keys = (*self.FALLING, "objective/scores")
-        if any(k not in metrics for k in keys):
-            return None
-        rising = [k for k in self.RISING if k in metrics and all(k in m for m in self.seen)]
-        if len(self.seen) < self.window:
-            self.seen.append({k: metrics[k] for k in (*keys, *self.RISING) if k in metrics})
-            return None
-        ref = {k: sum(m[k] for m in self.seen) / len(self.seen) for k in (*keys, *rising)}
-        if metrics["objective/scores"] <= ref["objective/scores"]:
-            return None
-        for key in self.FALLING:
-            if metrics[key] < self.drop * ref[key]:
-                return f"{key} {metrics[key]:.3g} < {self.drop} x its early mean {ref[key]:.3g} while the score rose"
-        for key in rising:
-            if metrics[key] > ref[key] + self.rise:
-                return f"{key} {metrics[key]:.3g} > its early mean {ref[key]:.3g} + {self.rise} while the score rose"
-        return None
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "seen": [dict(m) for m in self.seen]}  # the early window: the baseline
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.seen = [dict(m) for m in state["seen"]]
 
 
 class SampleTableCallback(TrainerCallback):

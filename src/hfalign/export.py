@@ -26,7 +26,7 @@ def load_run_model(run: Path, resolved: dict, tok):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from hfalign import models
-    from hfalign.ppo.policy_value import adapter_base, is_adapter_dir
+    from hfalign.ppo.build import adapter_base, is_adapter_dir
     from hfalign.recipe import ModelSection, QuantizationSection
 
     stage, m = resolved["stage"], resolved["model"]

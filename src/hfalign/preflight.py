@@ -30,7 +30,7 @@ def check(recipe: Recipe, judge: bool = True) -> Checked:
     `hfalign validate` leaves that to the run's start, which repeats every check with it."""
     with located(recipe.source):
         stage = stages.get(recipe.stage)
-        trainargs.check(recipe, recipe.stage, judge)
+        trainargs.check(recipe, stage.config_class, judge)
         models.check_model(recipe.model)
         if recipe.model.adapter:
             models.check_adapter_base(recipe.model.adapter, recipe.model.name_or_path, "model.adapter")

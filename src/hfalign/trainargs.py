@@ -45,13 +45,15 @@ POSITIVE = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", 
             "num_ppo_epochs", "num_mini_batches", "response_length", "temperature", "local_rollout_forward_batch_size",
             "max_prompt_length")
 NON_NEGATIVE = ("weight_decay", "warmup_steps", "max_grad_norm", "kl_coef", "cliprange", "cliprange_value", "vf_coef",
-                "entropy_coef", "save_total_limit", "warmup_ratio")
+                "entropy_coef", "save_total_limit", "warmup_ratio", "vocab_kl_coef")
 
 
-def check(recipe: Recipe, stage: str, judge: bool = True) -> None:
-    """Check `train:` against the stage's config fields: known keys, types, ranges; then (`judge`) let the class itself
-    judge. Replaces recipe.train by the typed values (YAML 1.1's '1e-5' string becomes a float)."""
-    fields = trainfields.spec(stage)
+def check(recipe: Recipe, config_class, judge: bool = True) -> None:
+    """Check `train:` against the fields of the recipe stage's config class (`config_class`: the stage module's
+    function that imports it): known keys, types, ranges; then (`judge`) let the class itself judge. Replaces
+    recipe.train by the typed values (YAML 1.1's '1e-5' string becomes a float)."""
+    stage = recipe.stage
+    fields = trainfields.spec(stage, config_class)
     types_ = {name: tp for name, (tp, _) in fields.items()}
     allowed, name = list(fields), CLASS_NAMES[stage]
     train = recipe.train
@@ -72,18 +74,16 @@ def check(recipe: Recipe, stage: str, judge: bool = True) -> None:
     precision(recipe)  # the launch's mixed precision against the recipe's
     if not judge:
         return
-    from hfalign import stages
-
     try:
-        build(recipe, stages.get(stage).config_class(), probe=True)
+        build(recipe, config_class(), probe=True)
     except (ValueError, TypeError) as e:
         raise UserError(f"train: {name} rejects these settings: {e}", fix="adjust the train: section") from None
 
 
-def settings(recipe: Recipe, stage: str) -> SimpleNamespace:
+def settings(recipe: Recipe, config_class) -> SimpleNamespace:
     """The recipe's (checked) train values over the config class's defaults, as attributes: numbers for checks that
     need no config object (PPO's batch plan)."""
-    return SimpleNamespace(**{**{k: d for k, (_, d) in trainfields.spec(stage).items()}, **recipe.train})
+    return SimpleNamespace(**{**{k: d for k, (_, d) in trainfields.spec(recipe.stage, config_class).items()}, **recipe.train})
 
 
 def precision(recipe: Recipe) -> str:

@@ -4,7 +4,7 @@ Importing any of those classes imports transformers' Trainer stack (torch, peft,
 `hfalign validate` must not pay. The first time a stage's fields are asked for under a given set of library
 versions they are read from the class and written to a small JSON cache; after that they come from the cache:
 
-    ~/.cache/hfalign/train-fields-<key>.json     (HFALIGN_CACHE_DIR or XDG_CACHE_HOME move it)
+    ~/.cache/hfalign/train-fields-<key>-<stage>.json     (HFALIGN_CACHE_DIR or XDG_CACHE_HOME move it)
 
 The key covers the versions of trl, transformers and accelerate, and the sources of hfalign's PPOConfig and of this
 module, so a changed library, config or encoding means a fresh read. Types are stored in the terms schema.coerce
@@ -26,35 +26,31 @@ from typing import Any, Literal, Union
 JSON_SCALARS = (str, int, float, bool, type(None))
 
 
-def spec(stage: str) -> dict[str, tuple[Any, Any]]:
+def spec(stage: str, config_class) -> dict[str, tuple[Any, Any]]:
     """{field name: (type, default)} of the stage's config class (init fields only); default None where the class
-    computes it."""
-    path = _cache_dir() / f"train-fields-{_key()}.json"
+    computes it. `config_class`: the stage module's function that imports the class (called only on a cache miss).
+    The stage is handed in, not looked up, so this module imports no stage (stages -> trainargs -> trainfields)."""
+    path = _cache_dir() / f"train-fields-{_key()}-{stage}.json"
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))[stage]
-    except (OSError, ValueError, KeyError):
-        raw = _read_all()
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raw = _read(config_class())
         _write(path, raw)
-        raw = raw[stage]
     return {name: (_decode(tp), default) for name, (tp, default) in raw.items()}
 
 
-def _read_all() -> dict:
-    """Every stage's fields, read from the classes themselves (the slow import)."""
+def _read(cls: type) -> dict:
+    """The class's fields, read from the class itself (the slow import was paid to get it)."""
     import dataclasses
 
-    from hfalign import stages
     from hfalign.schema import field_types
 
-    out = {}
-    for name, module in stages.STAGES.items():
-        cls = module.config_class()
-        hints = field_types(cls)
-        out[name] = {f.name: (_encode(hints[f.name]), f.default if isinstance(f.default, JSON_SCALARS) else None)
-                     for f in dataclasses.fields(cls) if f.init}
-        for f in dataclasses.fields(cls):
-            if f.init and isinstance(f.default, enum.Enum):
-                out[name][f.name] = (out[name][f.name][0], f.default.value)
+    hints = field_types(cls)
+    out = {f.name: (_encode(hints[f.name]), f.default if isinstance(f.default, JSON_SCALARS) else None)
+           for f in dataclasses.fields(cls) if f.init}
+    for f in dataclasses.fields(cls):
+        if f.init and isinstance(f.default, enum.Enum):
+            out[f.name] = (out[f.name][0], f.default.value)
     return out
 
 

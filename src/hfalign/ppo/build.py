@@ -4,6 +4,7 @@
     from_trl_args(policy, ref_model, reward_model, value_model, peft_config)   TRL 1.12's PPOTrainer arguments
 
 Both end in `assemble()`: the wrapper with dropout off everywhere (pitfall 2) and its trainable set remembered.
+The part helpers (frozen models, fp32 scalar heads, adapter directories) are at the end of this module.
 """
 
 from __future__ import annotations
@@ -12,18 +13,11 @@ import copy
 import dataclasses
 import os
 
+import torch
+from torch import nn
+
 from hfalign import models
-from hfalign.ppo.policy_value import (
-    PolicyAndValue,
-    adapter_base,
-    disable_dropout,
-    fp32_score_head,
-    freeze,
-    is_adapter_dir,
-    linear_head,
-    read_adapter_head,
-    train_policy_and_value_adapters,
-)
+from hfalign.ppo.policy_value import FP32Head, PolicyAndValue, gathered, unwrapped
 from hfalign.recipe import Recipe, ValueSection
 
 
@@ -182,3 +176,82 @@ def from_trl_args(policy, ref_model, reward_model, value_model, peft_config) -> 
         raise ValueError("full fine-tuning needs value_model (e.g. the reward model's architecture with num_labels=1)")
     ref = freeze(ref_model if ref_model is not None else copy.deepcopy(policy))
     return assemble(policy, critic=value_model, ref=ref, reward=reward)
+
+
+# -- the parts: loaded, frozen, given fp32 heads ------------------------------------------------------------------
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere (pitfall 2): nn.Dropout modules and attention-dropout floats."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def train_policy_and_value_adapters(policy) -> None:
+    """Shared base: the policy adapter is active, and only the policy (`default`) and `value` adapters train."""
+    policy.base_model.set_adapter(["default"])
+    for name, p in policy.named_parameters():
+        p.requires_grad_(".default." in name or ".value." in name)
+
+
+def linear_head(hidden_size: int, weight: torch.Tensor | None = None) -> FP32Head:
+    head = FP32Head(hidden_size, 1, bias=False, dtype=torch.float32)
+    with torch.no_grad():
+        if weight is None:
+            head.weight.zero_()  # a fresh critic predicts 0 everywhere and learns from the returns
+        else:
+            head.weight.copy_(weight.reshape(1, hidden_size).float())
+    return head
+
+
+def fp32_score_head(model: nn.Module) -> None:
+    """Replace a scalar-head model's head (the family's `score`/`classifier_head`) by an fp32 FP32Head copy.
+    Under ZeRO-3 the weight is partitioned at load time, so it is gathered for the copy."""
+    inner, name = unwrapped(model), models.family_of(model).head
+    head = getattr(inner, name, None)
+    if not isinstance(head, nn.Linear) or isinstance(head, FP32Head):
+        return
+    with gathered(list(head.parameters())):
+        new = FP32Head(head.in_features, head.out_features, bias=head.bias is not None, dtype=torch.float32)
+        with torch.no_grad():
+            new.weight.copy_(head.weight.float())
+            if head.bias is not None:
+                new.bias.copy_(head.bias.float())
+    new.requires_grad_(head.weight.requires_grad)
+    setattr(inner, name, new)
+
+
+def read_adapter_head(path: str, head: str) -> torch.Tensor | None:
+    """The scalar head saved with a sequence-classification LoRA adapter (modules_to_save: the family's head)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(path, "adapter_model.safetensors"))
+    for key, value in weights.items():
+        if key.endswith(f"{head}.weight"):
+            return value
+    return None
+
+
+def adapter_base(path: str) -> str | None:
+    """The SFT adapter a reward adapter was trained on top of, read from its run's resolved recipe."""
+    resolved = os.path.join(path, "recipe.resolved.yaml")
+    if not os.path.isfile(resolved):
+        return None
+    import yaml
+
+    with open(resolved, encoding="utf-8") as f:
+        return (yaml.safe_load(f).get("model") or {}).get("adapter")

@@ -58,7 +58,8 @@ class PPOConfig(TrainingArguments):
     early_stop_kl: float | None = field(default=0.02, metadata={"help": "Stop a batch's PPO epochs once their mean approx-KL exceeds this (seen as fewer train/optimizer_steps): a safety net against one bad batch moving the policy far (Spinning Up stops at 1.5 x 0.01). Healthy updates stay near 1e-3. null: never. TRL 1.12: never."})
     adaptive_lr: bool | None = field(default=None, metadata={"help": "A trust region on the measured approx-KL: every minibatch's forward measures how far the update's steps so far moved the policy from the one that sampled the rollout. Past early_stop_kl, the last optimizer step is undone (weights and optimizer state; not under DeepSpeed, whose engine owns them), the update ends and the learning rate is halved; otherwise the rate follows rl_games' adaptive schedule (/ 1.5 above 2 x adaptive_lr_target, x 1.5 below half of it, within 1%..100% of the configured rate, checkpointed). null: on when the policy trains a LoRA adapter (a single LoRA step can move near-certain tokens by several nats: its learning rate was a knife edge), off for full fine-tuning. TRL 1.12: no."})
     adaptive_lr_target: float = field(default=0.01, metadata={"help": "The approx-KL per optimizer step adaptive_lr steers to (healthy updates here measure 1e-3..1e-2)."})
-    vocab_kl_coef: float = field(default=0.0, metadata={"help": "Adds this x the exact KL(policy || reference) over the whole vocabulary, at every response position of the rollout, to the loss (one more reference forward per micro-batch). The per-token KL in the reward sees only the sampled token, so mass creeping onto tokens the reference never samples (garbage tails; seen with LoRA policies, whose adapter moves the hidden state under a frozen output layer) is penalised only once sampled; this term sees it at once. 0: off."})
+    vocab_kl_coef: float | None = field(default=None, metadata={"help": "Adds this x a KL to the reference computed over the whole vocabulary, at every response position of the rollout, to the loss (one more reference forward per micro-batch; logged as policy/vocab_kl). The per-token KL in the reward sees only the sampled token, so mass creeping onto tokens the reference never samples (garbage tails: a LoRA adapter moves the hidden state under a frozen output layer) is penalised only once sampled; this term sees it at once. null: 3.0 when the policy trains a LoRA adapter (measured: the LoRA suite held 9/9 with it, 4/9 without), 0 (off) for full fine-tuning. TRL 1.12: no."})
+    vocab_kl_tail: float | None = field(default=0.001, metadata={"help": "Which KL vocab_kl_coef weighs: a probability tau -> the KL of the two-part split {tokens the reference gives < tau, the rest}: mass the policy moves onto the reference's tail costs, reshaping among the tokens the reference finds plausible is free (it holds the form without holding back learning); null -> the exact KL over every token (holds the form, and learning with it)."})
     value_warmup_updates: int = field(default=0, metadata={"help": "Critic warm-up: for the first N updates only the value loss trains (the policy stays as it is)."})
 
     # Evaluation
@@ -90,13 +91,16 @@ class PPOConfig(TrainingArguments):
 
         if self.ddp_backend is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
             self.ddp_backend = "gloo"
+        if self.vocab_kl_tail is not None and not 0 < self.vocab_kl_tail < 1:
+            raise ValueError(f"vocab_kl_tail is a probability in (0, 1), got {self.vocab_kl_tail}")
         super().__post_init__()
 
 # TRL 1.12's PPOConfig defaults where hfalign's differ (README "PPO defaults" says why): PPOConfig(**TRL_1_12_DEFAULTS,
 # ...) runs TRL 1.12's PPO settings on hfalign's trainer (benchmarks/trl_parity.py does).
 TRL_1_12_DEFAULTS = {"kl_coef": 0.05, "adaptive_kl": False, "normalize_scores": False, "early_stop_kl": None,
                      "missing_eos_penalty": None, "max_prompt_length": None, "logging_steps": 10, "save_steps": 500,
-                     "num_sample_generations": 10, "adaptive_lr": False}
+                     "num_sample_generations": 10, "adaptive_lr": False,
+                     "vocab_kl_coef": 0.0}
 
 # Fields TRL's example scripts or models read, which hfalign's trainer does not act on: a one-time note when set.
 NOT_ACTED_ON = {"model_adapter_name": "the policy adapter is 'default'",

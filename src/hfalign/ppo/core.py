@@ -139,6 +139,53 @@ def vocab_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float 
     return (logp.exp() * (logp - ref)).sum(dim=-1)
 
 
+class _TailKL(torch.autograd.Function):
+    """tail_kl's forward and backward in blocks of about BLOCK_ELEMENTS values (as _SelectiveLogSoftmax): kept for
+    backward are the logits (as given), the reference's tail as a bool mask, and three numbers per position. The
+    gradient has a closed form: with P = softmax(logits / T), p = P's tail mass and g = dKL/dp = log(p/q) -
+    log((1-p)/(1-q)), d KL / d logits_v = g / T * P_v * (1[v in tail] - p)."""
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def forward(ctx, logits, ref_logits, tail, temperature):
+        shape = logits.shape[:-1]
+        p, q, lse = (torch.empty(shape, dtype=torch.float32, device=logits.device) for _ in range(3))
+        in_tail = torch.empty(logits.shape, dtype=torch.bool, device=logits.device)
+        for b, t in _blocks(*logits.shape):
+            x = logits[b, t].float() / temperature
+            lse[b, t] = torch.logsumexp(x, dim=-1)
+            ref = torch.log_softmax(ref_logits[b, t].float() / temperature, dim=-1)
+            in_tail[b, t] = ref < math.log(tail)
+            p[b, t] = (torch.exp(x - lse[b, t].unsqueeze(-1)) * in_tail[b, t]).sum(-1)
+            q[b, t] = (ref.exp() * in_tail[b, t]).sum(-1)
+            del x, ref
+        p, q = p.clamp(torch.finfo(torch.float32).tiny, 1 - 1e-6), q.clamp(torch.finfo(torch.float32).tiny, 1 - 1e-6)
+        ctx.save_for_backward(logits, in_tail, lse, p, q)
+        ctx.temperature = temperature
+        return p * (p.log() - q.log()) + (1 - p) * (torch.log1p(-p) - torch.log1p(-q))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, in_tail, lse, p, q = ctx.saved_tensors
+        dkl_dp = (p.log() - q.log()) - (torch.log1p(-p) - torch.log1p(-q))
+        scale = grad_out.float() * dkl_dp / ctx.temperature
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for b, t in _blocks(*logits.shape):
+            probs = torch.exp(logits[b, t].float() / ctx.temperature - lse[b, t].unsqueeze(-1))
+            grad[b, t] = (scale[b, t].unsqueeze(-1) * probs * (in_tail[b, t].float() - p[b, t].unsqueeze(-1))).to(grad.dtype)
+        return grad, None, None, None
+
+
+def tail_kl(logits: torch.Tensor, ref_logits: torch.Tensor, tail: float, temperature: float = 1.0) -> torch.Tensor:
+    """Per-position KL between two-part distributions: {the tokens the reference gives probability < `tail`, the
+    rest}. p = the policy's mass on the reference's tail, q = the reference's: p log(p/q) + (1-p) log((1-p)/(1-q)).
+    Only mass moved into (or out of) the reference's tail costs anything; how the policy reshapes the rest is free.
+    <= the exact KL (a coarsening); fp32, differentiable in `logits`, in blocks (no full-vocabulary float temporaries:
+    a bool mask of the tail is what it keeps)."""
+    return _TailKL.apply(logits, ref_logits.detach(), float(tail), float(temperature))
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token KL(pi || ref) estimate from sampled tokens (http://joschu.net/blog/kl-approx.html).
     k1 = log pi - log ref (unbiased, can be negative per token); k3 = (r - 1) - log r with r = ref / pi (>= 0)."""

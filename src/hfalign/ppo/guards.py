@@ -1,5 +1,6 @@
-"""Acting on PPO guards (callbacks that answer `trip(metrics)`, see hfalign.callback_types.Guard): warn, stop with a
-checkpoint, or roll back to the newest *vetted* checkpoint and go on more carefully (higher KL coefficient, lower lr).
+"""PPO guards, in one place: what they watch (the Guard callbacks below: `trip(metrics)` says why a run is going wrong)
+and what the trainer then does (`check`, `act`): warn, stop with a checkpoint, or roll back to the newest *vetted*
+checkpoint and go on more carefully (higher KL coefficient, lower lr). Recipes name them through hfalign.callbacks.
 
 A guard at update s judges the rollout sampled from the weights after update s-1. So checkpoint-k (the weights after
 update k) is vetted only once update k+1's rollout has passed every acting guard; until then it is unjudged, and a
@@ -9,13 +10,92 @@ judges and rolls back exactly as the uninterrupted one would."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-import torch
+from transformers import TrainerCallback
+
+from hfalign.ppo import checkpoint as checkpoint_io
 
 
+class Guard(TrainerCallback):
+    """A PPO guard: after every update `trip(metrics)` answers why the run is going wrong, or None. PPOTrainer then
+    acts: `warn` prints, `stop` saves a checkpoint and stops, `rollback` restores the newest vetted checkpoint's weights and
+    optimizer state and continues with the KL coefficient times `kl_factor` and the learning rate times `lr_factor`
+    (at most `max_rollbacks` times, then it stops). Reward hacking shows as KL running away or answers collapsing
+    while the score rises (PPO_NOTES #15, "Secrets of RLHF" §5)."""
+
+    name = "guard"
+
+    def __init__(self, action: str = "warn", kl_factor: float = 2.0, lr_factor: float = 1.0, max_rollbacks: int = 3):
+        self.action, self.kl_factor, self.lr_factor, self.max_rollbacks = action, kl_factor, lr_factor, max_rollbacks
+        self.rollbacks = 0
+
+    def trip(self, metrics: dict) -> str | None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps so that a resumed run decides as the uninterrupted one (PPOTrainer saves it)."""
+        return {"rollbacks": self.rollbacks}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollbacks = state["rollbacks"]
+
+
+class KLGuardCallback(Guard):
+    """objective/kl above `max_kl` (nats per response)."""
+
+    name = "KL guard"
+
+    def __init__(self, max_kl: float, action: str = "warn", **kw):
+        super().__init__(action, **kw)
+        self.max_kl = max_kl
+
+    def trip(self, metrics: dict) -> str | None:
+        kl = metrics.get("objective/kl")
+        return None if kl is None or kl <= self.max_kl else f"objective/kl {kl:.3g} > max_kl {self.max_kl}"
+
+
+class CollapseGuardCallback(Guard):
+    """Answers degenerating while the score is above its mean over the first `window` updates: response length or
+    entropy below `drop` x their early mean, or the share of repeated bigrams in a response (val/repetition) above
+    its early mean + `rise`. The policy found short, certain or repetitive answers the reward model still likes."""
+
+    name = "collapse guard"
+    FALLING = ("val/response_length", "policy/entropy_avg")
+    RISING = ("val/repetition",)  # optional: a metric stream without it is watched for the falling ones only
+
+    def __init__(self, window: int = 5, drop: float = 0.5, rise: float = 0.15, action: str = "warn", **kw):
+        super().__init__(action, **kw)
+        self.window, self.drop, self.rise, self.seen = window, drop, rise, []
+
+    def trip(self, metrics: dict) -> str | None:
+        keys = (*self.FALLING, "objective/scores")
+        if any(k not in metrics for k in keys):
+            return None
+        rising = [k for k in self.RISING if k in metrics and all(k in m for m in self.seen)]
+        if len(self.seen) < self.window:
+            self.seen.append({k: metrics[k] for k in (*keys, *self.RISING) if k in metrics})
+            return None
+        ref = {k: sum(m[k] for m in self.seen) / len(self.seen) for k in (*keys, *rising)}
+        if metrics["objective/scores"] <= ref["objective/scores"]:
+            return None
+        for key in self.FALLING:
+            if metrics[key] < self.drop * ref[key]:
+                return f"{key} {metrics[key]:.3g} < {self.drop} x its early mean {ref[key]:.3g} while the score rose"
+        for key in rising:
+            if metrics[key] > ref[key] + self.rise:
+                return f"{key} {metrics[key]:.3g} > its early mean {ref[key]:.3g} + {self.rise} while the score rose"
+        return None
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "seen": [dict(m) for m in self.seen]}  # the early window: the baseline
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.seen = [dict(m) for m in state["seen"]]
+
+
+# -- acting on their verdicts -----------------------------------------------------------------------------------------
 def guards(trainer) -> list:
     return [cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "trip")]
 
@@ -67,12 +147,12 @@ def act(trainer, tripped: list[tuple]) -> None:
             print(f"hfalign: {guard.name}: {guard.rollbacks} rollbacks already; stopping on "
                   f"{checkpoint or 'the current weights (no checkpoint)'} and saving", flush=True)
         if checkpoint is not None:
-            restore(trainer, checkpoint)
+            checkpoint_io.restore(trainer, checkpoint)
             trainer.vetted.add(trainer.state.global_step)  # the checkpoint below holds those vetted weights
         trainer.control.should_save = trainer.control.should_training_stop = True
         trainer._save_checkpoint(trainer.model, trial=None)
         return
-    restore(trainer, checkpoint, kl_factor=guard.kl_factor, lr_factor=guard.lr_factor)
+    checkpoint_io.restore(trainer, checkpoint, kl_factor=guard.kl_factor, lr_factor=guard.lr_factor)
     for g in rollback:
         g.rollbacks += 1
     if trainer.args.save_strategy != "no":  # (a str enum)
@@ -80,38 +160,6 @@ def act(trainer, tripped: list[tuple]) -> None:
         # here resumes where the rollback left the run, never from a checkpoint of the trajectory it abandoned.
         trainer.vetted.add(trainer.state.global_step)
         trainer._save_checkpoint(trainer.model, trial=None)
-
-
-def restore(trainer, checkpoint: str, kl_factor: float = 1.0, lr_factor: float = 1.0) -> None:
-    """The checkpoint's trainable weights, optimizer moments, fp16 loss scale, KL coefficient and score statistics;
-    then the KL coefficient times kl_factor and the learning rate times lr_factor. Step, episode, data position and
-    the learning-rate schedule go on from where the run is (the rate the next step takes is today's schedule times
-    the factors, not the checkpoint's): a rollback costs the updates since the checkpoint. Under DeepSpeed the
-    engine loads its own checkpoint and the schedule is put back where it was."""
-    from hfalign.ppo import core
-
-    old_kl, schedule = trainer.kl_coef, trainer.lr_scheduler.state_dict()
-    rates = [group["lr"] for group in trainer.optimizer.param_groups]
-    if trainer.is_deepspeed_enabled:  # the engine's own checkpoint: weights, optimizer, its scheduler, on every rank
-        from transformers.integrations.deepspeed import deepspeed_load_checkpoint
-
-        deepspeed_load_checkpoint(trainer.model_wrapped, checkpoint, load_module_strict=False)
-    else:
-        trainer._load_from_checkpoint(checkpoint)
-        trainer.optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"),
-                                                     map_location=trainer.args.device))
-        trainer._load_scaler(checkpoint)  # fp16: the loss scale the checkpoint's steps ran at
-    trainer.lr_scheduler.load_state_dict(schedule)
-    for group, rate in zip(trainer.optimizer.param_groups, rates):
-        group["lr"] = rate
-    with open(os.path.join(checkpoint, "hfalign_ppo_state.json"), encoding="utf-8") as f:
-        saved = json.load(f)
-    trainer.kl_coef = max(saved["kl_coef"], old_kl) * kl_factor  # repeated rollbacks keep raising it
-    trainer.moments = core.RunningMoments(**saved["moments"])
-    trainer.multiply_lr(lr_factor)
-    if trainer.is_world_process_zero():
-        print(f"hfalign: rolled back to {checkpoint}; kl_coef {old_kl:.4g} -> {trainer.kl_coef:.4g}"
-              + (f", learning rate x{lr_factor}" if lr_factor != 1.0 else ""), flush=True)
 
 
 def newest_vetted(trainer) -> str | None:

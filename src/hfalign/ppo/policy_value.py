@@ -6,53 +6,34 @@ LoRA shared-base mode: ONE base model carrying adapters — `default` (policy, t
 frozen; or adapters disabled when the policy starts from the raw base), `value` (trainable, + fp32 head) and
 `reward` (frozen, + head) — so the base weights exist once. An adapter *stack* (e.g. ref + reward) reproduces a
 reward adapter trained on the SFT-merged base exactly: LoRA deltas add up.
+
+This is the runtime module (forward per role, adapters, heads, checkpointing); ppo/build.py loads and prepares the
+parts and assembles them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch import nn
 
 from hfalign.models import family_of
 
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def is_adapter_dir(path: str | None) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Dropout off everywhere (pitfall 2): nn.Dropout modules and attention-dropout floats."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
 
 def backbone(model: nn.Module) -> nn.Module:
     """The transformer body of a *ForCausalLM / *ForSequenceClassification (through a PeftModel too)."""
-    inner = _inner(model)
+    inner = unwrapped(model)
     return getattr(inner, inner.base_model_prefix)
 
 
-def _inner(model: nn.Module) -> nn.Module:
+def unwrapped(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def head_from(model: nn.Module) -> nn.Module:
     """The scalar head of a sequence classifier, by the name its family gives it (models.FAMILIES)."""
-    inner, name = _inner(model), family_of(model).head
+    inner, name = unwrapped(model), family_of(model).head
     if not hasattr(inner, name):
         raise ValueError(f"{type(inner).__name__} has no scalar head '{name}' (the name models.FAMILIES gives its family)")
     return getattr(inner, name)
@@ -169,6 +150,10 @@ class PolicyAndValue(nn.Module):
                     yield
             finally:
                 self._role = previous
+                # re-enabling the layers runs PEFT's set_adapter, which marks every inactive adapter frozen (the
+                # value adapter): a backward after a reference pass would leave the critic's adapter untrained
+                for p in self.policy.parameters():
+                    p.requires_grad_(id(p) in self._trainable)
             return
         self._activate(role)
         try:
@@ -251,13 +236,6 @@ class PolicyAndValue(nn.Module):
         return policy, value
 
 
-def train_policy_and_value_adapters(policy) -> None:
-    """Shared base: the policy adapter is active, and only the policy (`default`) and `value` adapters train."""
-    policy.base_model.set_adapter(["default"])
-    for name, p in policy.named_parameters():
-        p.requires_grad_(".default." in name or ".value." in name)
-
-
 class FP32Head(nn.Linear):
     """A scalar head computed in fp32 whatever surrounds it (pitfall 11): bf16 autocast is off inside it, and under
     DeepSpeed bf16 (which stores every parameter in bf16 and keeps fp32 master copies in the optimizer) the weight
@@ -276,33 +254,6 @@ def _apply_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return head(hidden).float().squeeze(-1)
 
 
-def linear_head(hidden_size: int, weight: torch.Tensor | None = None) -> FP32Head:
-    head = FP32Head(hidden_size, 1, bias=False, dtype=torch.float32)
-    with torch.no_grad():
-        if weight is None:
-            head.weight.zero_()  # a fresh critic predicts 0 everywhere and learns from the returns
-        else:
-            head.weight.copy_(weight.reshape(1, hidden_size).float())
-    return head
-
-
-def fp32_score_head(model: nn.Module) -> None:
-    """Replace a scalar-head model's head (the family's `score`/`classifier_head`) by an fp32 FP32Head copy.
-    Under ZeRO-3 the weight is partitioned at load time, so it is gathered for the copy."""
-    inner, name = _inner(model), family_of(model).head
-    head = getattr(inner, name, None)
-    if not isinstance(head, nn.Linear) or isinstance(head, FP32Head):
-        return
-    with gathered(list(head.parameters())):
-        new = FP32Head(head.in_features, head.out_features, bias=head.bias is not None, dtype=torch.float32)
-        with torch.no_grad():
-            new.weight.copy_(head.weight.float())
-            if head.bias is not None:
-                new.bias.copy_(head.bias.float())
-    new.requires_grad_(head.weight.requires_grad)
-    setattr(inner, name, new)
-
-
 def gathered(params):
     """ZeRO-3: the full tensors of `params` inside the block (a collective: every rank enters it)."""
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -312,26 +263,3 @@ def gathered(params):
 
         return deepspeed.zero.GatheredParameters(params)
     return contextlib.nullcontext()
-
-
-def read_adapter_head(path: str, head: str) -> torch.Tensor | None:
-    """The scalar head saved with a sequence-classification LoRA adapter (modules_to_save: the family's head)."""
-    from safetensors.torch import load_file
-
-    weights = load_file(os.path.join(path, "adapter_model.safetensors"))
-    for key, value in weights.items():
-        if key.endswith(f"{head}.weight"):
-            return value
-    return None
-
-
-def adapter_base(path: str) -> str | None:
-    """The SFT adapter a reward adapter was trained on top of, read from its run's resolved recipe."""
-    resolved = os.path.join(path, "recipe.resolved.yaml")
-    if not os.path.isfile(resolved):
-        return None
-    import yaml
-
-    with open(resolved, encoding="utf-8") as f:
-        return (yaml.safe_load(f).get("model") or {}).get("adapter")
-

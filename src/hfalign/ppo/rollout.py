@@ -1,4 +1,4 @@
-"""What one PPO update samples and computes, as a typed record, and the prompt batching that feeds it."""
+"""What one PPO update samples and computes, as a typed record, and the prompts that feed it: encoded, batched, padded."""
 
 from __future__ import annotations
 
@@ -51,3 +51,26 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
     return ids, mask
+
+
+def encode_all(tokenizer, dataset, name: str, limit: int | None, say: bool) -> list[list[int]]:
+    """Token ids of every prompt: TRL-style `input_ids` as they are (where `attention_mask` is 0, dropped), else
+    `prompt` encoded (a conversation with the chat template, ending with the assistant's turn opener). Longer than
+    `limit` (max_prompt_length) -> cut on the left (the end of a prompt, where the generation prompt is, is what the
+    policy continues), and said once (`say`: on the main process)."""
+    columns = getattr(dataset, "column_names", None) or list(dataset[0])
+    if "input_ids" in columns:
+        ids = [list(x) for x in dataset["input_ids"]]
+        if "attention_mask" in columns:
+            ids = [[t for t, m in zip(x, mask) if m] for x, mask in zip(ids, dataset["attention_mask"])]
+    elif "prompt" in columns:
+        ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
+               if isinstance(p, list) else tokenizer(p)["input_ids"] for p in dataset["prompt"]]
+    else:
+        raise ValueError(f"the {name} dataset needs an 'input_ids' column (token ids, TRL style) or a 'prompt' column "
+                         f"(text or conversation); it has {columns}")
+    cut = sum(len(x) > limit for x in ids) if limit else 0
+    if cut and say:
+        print(f"hfalign: {cut} of {len(ids)} {name} prompts are longer than max_prompt_length {limit} tokens; "
+              "their beginning is cut off", flush=True)
+    return [x[-limit:] for x in ids] if limit else ids

@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 
 from hfalign.ppo.policy_value import PolicyAndValue, gathered
 
+TRAINABLE = "trainable.safetensors"  # a checkpoint's trainable weights (non-DeepSpeed)
+
 
 def _contiguous(sd: dict) -> dict:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
@@ -70,4 +72,4 @@ def save_parts(wrapper: PolicyAndValue, state_dict: dict, output_dir: str, token
 def save_trainable(state_dict: dict, output_dir: str) -> None:
     """A checkpoint's weights (non-DeepSpeed): every trainable tensor, policy and value, written once."""
     os.makedirs(output_dir, exist_ok=True)
-    save_file(_contiguous(state_dict), os.path.join(output_dir, "trainable.safetensors"))
+    save_file(_contiguous(state_dict), os.path.join(output_dir, TRAINABLE))

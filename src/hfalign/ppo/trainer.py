@@ -11,20 +11,17 @@ Private transformers/accelerate API this module relies on (checked against trans
 >=1.10,<2, the ranges pyproject.toml pins); a new major version must be read against this list:
     Trainer._inner_training_loop      replaced: the PPO loop
     Trainer._prepare_for_training     called: accelerator/DeepSpeed wrapping, optimizer, scheduler, checkpoint load
-    Trainer._load_from_checkpoint     replaced: non-DeepSpeed resume reads trainable.safetensors
-    Trainer._save_checkpoint          extended: writes hfalign_ppo_state.json beside Trainer's files
+    Trainer._load_from_checkpoint     replaced: non-DeepSpeed resume reads trainable.safetensors (checkpoint.py)
+    Trainer._save_checkpoint          extended: writes hfalign_ppo_state.json beside Trainer's files (checkpoint.py)
+    Trainer._save_rng_state           extended: a barrier after every rank's file
     Trainer.save_model(_internal_call)  replaced: policy and value files (saving.py); checkpoints: trainable once
-    Trainer._load_rng_state           called on resume
-    Trainer._load_callback_state      called on resume (ExportableState callbacks)
+    Trainer._load_rng_state, _load_callback_state, _load_scaler   called on resume / rollback (checkpoint.py)
     accelerator.gradient_state._set_sync_gradients   called: gradient accumulation in a custom loop
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import os
 import time
 from collections import defaultdict
 
@@ -34,19 +31,18 @@ from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import TrainOutput
 
 from hfalign.errors import UserError
-from hfalign.ppo import core, guards
+from hfalign.ppo import checkpoint, core, guards, trl_compat
 from hfalign.ppo.build import from_trl_args
-from hfalign.ppo.config import NOT_ACTED_ON, PPOConfig
+from hfalign.ppo.config import PPOConfig
 from hfalign.ppo.generation import HFGenerator, stop_token_ids
 from hfalign.ppo.plan import plan, plan_problem
 from hfalign.ppo.policy_value import PolicyAndValue
-from hfalign.ppo.rollout import Rollout, left_pad, prompt_batches
+from hfalign.ppo.rollout import Rollout, encode_all, left_pad, prompt_batches
+from hfalign.ppo.step_size import StepSizeControl
+from hfalign.ppo.trl_compat import TRLSurface
 
-PPO_STATE = "hfalign_ppo_state.json"
-TRAINABLE = "trainable.safetensors"
 
-
-class PPOTrainer(Trainer):
+class PPOTrainer(TRLSurface, StepSizeControl, Trainer):
     def __init__(self, args: PPOConfig, processing_class, model, ref_model=None, reward_model=None, train_dataset=None,
                  value_model=None, data_collator=None, eval_dataset=None, optimizers=(None, None), callbacks=None,
                  peft_config=None):
@@ -57,96 +53,30 @@ class PPOTrainer(Trainer):
         padded here)."""
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
-        if args.stop_token is not None and args.stop_token_id is not None:
-            raise ValueError("You cannot set both `stop_token` and `stop_token_id`.")  # TRL 1.12's own words
-        if ref_model is not None and ref_model is model:
-            raise ValueError("`model` and `ref_model` cannot be the same object: pass a copy, or None with peft_config")
-        if args.push_to_hub and _hub_offline():
-            raise ValueError("push_to_hub=True needs the Hugging Face Hub, and HF_HUB_OFFLINE is set: unset one")
+        trl_compat.check_arguments(args, model, ref_model)
         self.reward_fn = reward_model if callable(reward_model) and not isinstance(reward_model, torch.nn.Module) else None
         if not isinstance(model, PolicyAndValue):
             model = from_trl_args(model, ref_model, None if self.reward_fn else reward_model, value_model, peft_config)
         if self.reward_fn is None and model.reward is None and model.reward_head is None:
             raise ValueError("PPOTrainer needs a reward: pass reward_model (a model or a function)")
         self.tokenizer = processing_class
-        embedding = model.policy.get_input_embeddings()  # under PEFT's wrapper when the adapter trains token rows
-        rows = getattr(getattr(embedding, "token_adapter", None), "base_layer", embedding).num_embeddings
-        if len(processing_class) > rows:  # a pad token added to the tokenizer, not to the model: ids past the table
-            raise ValueError(f"the tokenizer has {len(processing_class)} tokens, the policy's embedding {rows} rows: "
-                             "token ids past the table would crash the rollout. After tokenizer.add_special_tokens, "
-                             "call resize_token_embeddings(len(tokenizer)) on the policy, reference, reward and value "
-                             "models (or reuse an existing token as pad)")
+        trl_compat.check_vocabulary(processing_class, model.policy)
         if args.stop_token_id is not None:  # TRL 1.12's single stop id joins hfalign's list
             args.stop_token_ids = list(dict.fromkeys([*(args.stop_token_ids or []), args.stop_token_id]))
         self.stop_ids = stop_token_ids(args, processing_class, model.policy)
         self.generator = HFGenerator(args, processing_class, self.stop_ids)  # the sampling seam (ppo/generation.py)
         super().__init__(model=model, args=args, processing_class=processing_class, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, callbacks=callbacks, optimizers=optimizers)
-        self.prompts = self._encode_all(train_dataset, "train")
-        self.eval_prompts = self._encode_all(eval_dataset, "eval") if eval_dataset is not None else []
+        say, limit = args.process_index == 0, args.max_prompt_length
+        self.prompts = encode_all(processing_class, train_dataset, "train", limit, say)
+        self.eval_prompts = encode_all(processing_class, eval_dataset, "eval", limit, say) if eval_dataset is not None else []
         self.kl_coef = args.kl_coef
         self.moments = core.RunningMoments()
         self.episode = 0
         self.lr_scale = 1.0  # the adaptive-lr controller's factor on the configured learning rate (and its schedule)
         self.vetted: set[int] = set()  # steps whose weights passed the guards (ppo/guards.py): rollback targets
-        self.adaptive_lr = args.adaptive_lr if args.adaptive_lr is not None else model.policy_is_adapter
+        self._resolve_step_control(args, model.policy_is_adapter)
         self._note_not_acted_on()
-
-    # -- TRL 1.12's attributes, for scripts that read them ---------------------------------------------------------
-    @property
-    def policy_model(self):
-        """The policy (on a shared base: the PEFT model, with the policy adapter active while training)."""
-        return self.model.policy
-
-    @property
-    def ref_model(self):
-        """The frozen reference; None on a shared base, where it is the base with adapters off (as TRL with PEFT)."""
-        return self.model.ref
-
-    @property
-    def reward_model(self):
-        """The reward model, or the reward function; None on a shared base (the reward is an adapter stack there)."""
-        return self.reward_fn if self.reward_fn is not None else self.model.reward
-
-    @property
-    def value_model(self):
-        """The critic's model; on a shared base the PEFT model that carries the 'value' adapter (its head:
-        trainer.model.value_head)."""
-        return self.model.value_model if self.model.value_model is not None else self.model.policy
-
-    def _note_not_acted_on(self) -> None:
-        """TRL 1.12 fields this trainer accepts and does not use, said once each when set."""
-        defaults = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
-        for name, why in NOT_ACTED_ON.items():
-            if getattr(self.args, name) != defaults[name] and self.args.process_index == 0:
-                print(f"hfalign: PPOConfig.{name}={getattr(self.args, name)!r} is accepted and not used by the trainer: "
-                      f"{why}", flush=True)
-
-    def _encode(self, prompt) -> list[int]:
-        if isinstance(prompt, list):  # conversational: the chat template ends with the assistant's turn opener
-            return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-        return self.tokenizer(prompt)["input_ids"]
-
-    def _encode_all(self, dataset, name: str) -> list[list[int]]:
-        """Token ids of every prompt: TRL-style `input_ids` as they are (where `attention_mask` is 0, dropped), else
-        `prompt` encoded. Longer than max_prompt_length -> cut on the left (the end of a prompt, where the generation
-        prompt is, is what the policy continues), and said once."""
-        columns = getattr(dataset, "column_names", None) or list(dataset[0])
-        if "input_ids" in columns:
-            ids = [list(x) for x in dataset["input_ids"]]
-            if "attention_mask" in columns:
-                ids = [[t for t, m in zip(x, mask) if m] for x, mask in zip(ids, dataset["attention_mask"])]
-        elif "prompt" in columns:
-            ids = [self._encode(p) for p in dataset["prompt"]]
-        else:
-            raise ValueError(f"the {name} dataset needs an 'input_ids' column (token ids, TRL style) or a 'prompt' column "
-                             f"(text or conversation); it has {columns}")
-        limit = self.args.max_prompt_length
-        cut = sum(len(x) > limit for x in ids) if limit else 0
-        if cut and self.args.process_index == 0:
-            print(f"hfalign: {cut} of {len(ids)} {name} prompts are longer than max_prompt_length {limit} tokens; "
-                  "their beginning is cut off", flush=True)
-        return [x[-limit:] for x in ids] if limit else ids
 
     # -- rollout ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -275,35 +205,6 @@ class PPOTrainer(Trainer):
     def _warming_up(self) -> bool:
         return self.state.global_step < self.args.value_warmup_updates
 
-    def _step_snapshot(self) -> dict | None:
-        """The trainable weights and optimizer state before a step, to undo it (None under DeepSpeed, whose engine
-        owns both: there only the learning-rate control acts)."""
-        if self.is_deepspeed_enabled:
-            return None
-        params = [q for q in self.model.parameters() if q.requires_grad]
-        state = {id(q): {k: v.clone() if torch.is_tensor(v) else v for k, v in self.optimizer.state[q].items()}
-                 for q in params if q in self.optimizer.state}
-        return {"params": [(q, q.detach().clone()) for q in params], "state": state}
-
-    def _undo_step(self, snapshot: dict) -> bool:
-        """Back to the snapshot's weights and optimizer state, gradients dropped, the learning rate halved; True."""
-        with torch.no_grad():
-            for q, saved in snapshot["params"]:
-                q.copy_(saved)
-                if q in self.optimizer.state:
-                    self.optimizer.state[q] = snapshot["state"].get(id(q), {})
-        self.optimizer.zero_grad()
-        self.scale_lr(max(0.5, 0.01 / self.lr_scale))
-        return True
-
-    @torch.no_grad()
-    def _probe_kl(self, r: Rollout) -> float:
-        """approx-KL of the current policy to the rollout's on one micro-batch (after an update's last step)."""
-        idx = torch.arange(min(self.plan.micro_batch, len(r.full)))
-        logits, _ = self.model_wrapped(r.full[idx], r.attn[idx], r.pos[idx], mode="train", logits_to_keep=r.mask.shape[1] + 1)
-        new = core.logprobs_from_logits(logits[:, :-1], r.responses[idx], self.args.temperature)
-        return self._mean(0.5 * core.masked_mean((new - r.logprobs[idx]) ** 2, r.mask[idx]))
-
     def _micro_step(self, model, r: Rollout, idx: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
         """Forward and backward of one micro-batch; the loss is divided by the accumulation steps. Stats stay on the
         device (detached): the update syncs once, at its end."""
@@ -322,12 +223,14 @@ class PPOTrainer(Trainer):
         else:
             entropy = core.masked_mean(token_entropy, mask)
         stats = {}
-        if a.vocab_kl_coef and not warming_up:  # the whole distribution, not only the sampled token, kept near ref
+        if self.vocab_kl_coef and not warming_up:  # the whole distribution, not only the sampled token, kept near ref
             with torch.no_grad():
                 ref_logits = model(r.full[idx], r.attn[idx], r.pos[idx], mode="ref", logits_to_keep=r.mask.shape[1] + 1)
-            vocab_kl = core.masked_mean(core.vocab_kl(logits, ref_logits[:, :-1], a.temperature), mask)
+            term = core.vocab_kl(logits, ref_logits[:, :-1], a.temperature) if a.vocab_kl_tail is None else \
+                core.tail_kl(logits, ref_logits[:, :-1], a.vocab_kl_tail, a.temperature)
+            vocab_kl = core.masked_mean(term, mask)
             del ref_logits
-            loss = loss + a.vocab_kl_coef * vocab_kl
+            loss = loss + self.vocab_kl_coef * vocab_kl
             stats["policy/vocab_kl"] = vocab_kl
         kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}  # we scale; DeepSpeed must not again
         self.accelerator.backward(loss / a.gradient_accumulation_steps, **kwargs)
@@ -352,10 +255,7 @@ class PPOTrainer(Trainer):
         self.plan = p = plan(a, acc.num_processes, len(self.prompts))
         if plan_problem(p, len(self.prompts)):
             raise ValueError(plan_problem(p, len(self.prompts)))
-        # TRL 1.12's derived fields, filled in as its trainer did (hfalign's meaning: README "Migrating from TRL 1.12")
-        a.num_total_batches = p.num_updates  # (world_size is TrainingArguments' property: the process count)
-        a.micro_batch_size, a.local_batch_size, a.batch_size = p.micro_batch * p.world_size, p.rollout_batch, p.global_rollout_batch
-        a.local_mini_batch_size, a.mini_batch_size = p.mini_batch, p.mini_batch * p.world_size
+        trl_compat.fill_derived_fields(a, p)
         sample_every = max(1, p.num_updates // a.num_sample_generations) if a.num_sample_generations > 0 else 0
         self.state = TrainerState(stateful_callbacks=[cb for cb in [*self.callback_handler.callbacks, self.control]
                                                       if isinstance(cb, ExportableState)])
@@ -368,13 +268,14 @@ class PPOTrainer(Trainer):
         model, _ = self._prepare_for_training(p.total_optimizer_steps, None, resume_from_checkpoint)
         model.eval()  # dropout is off anyway; eval() also keeps any remaining stochastic layers deterministic
         if resume_from_checkpoint:
-            self._resume(resume_from_checkpoint)
+            guards.load_state(self, checkpoint.resume(self, resume_from_checkpoint).get("guards", []))
             # this run's plan: a resume with more total_episodes goes on to the new end
             self.state.max_steps, self.state.logging_steps, self.state.save_steps = p.num_updates, a.logging_steps, a.save_steps
         self.state.episode = self.episode  # TRL 1.12's OnlineTrainerState field
         guards.prepare(self, resuming=bool(resume_from_checkpoint))
         if self.is_world_process_zero():
             print("hfalign ppo plan: " + ", ".join(f"{k}={v}" for k, v in vars(p).items()), flush=True)
+            self._say_step_control()
         self.control = self.callback_handler.on_train_begin(a, self.state, self.control)
         batches = prompt_batches(len(self.prompts), p.rollout_batch, acc.process_index, acc.num_processes, a.seed)
         for _ in range(self.state.global_step):  # a resumed run continues with the prompts it had not seen
@@ -461,32 +362,11 @@ class PPOTrainer(Trainer):
             cb.on_rollout(self.args, self.state, self.control, samples=samples,
                           callbacks=self.callback_handler.callbacks)  # the trackers, for tables
 
-    def scale_lr(self, factor: float) -> None:
-        """Multiply the learning rate now and its schedule from here on (the scheduler's base rates) by `factor`; both
-        are saved with a checkpoint, so a resumed run goes on at the same rate."""
-        self.lr_scale *= factor
-        self.multiply_lr(factor)
-
-    def multiply_lr(self, factor: float) -> None:
-        """The learning rate now and its schedule (the scheduler's base rates) times `factor`, the controller's scale
-        untouched (a guard's rollback lowers the rate beneath it)."""
-        if factor == 1.0:
-            return
-        for group in self.optimizer.param_groups:
-            group["lr"] *= factor
-        self.lr_scheduler.base_lrs = [lr * factor for lr in self.lr_scheduler.base_lrs]
-
-    # -- checkpoints and saving ------------------------------------------------------------------------------------
+    # -- checkpoints and saving (ppo/checkpoint.py) ------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
         """PPO's own state first: Trainer writes trainer_state.json last, and that file is what marks a checkpoint
         complete (rundir.complete_checkpoint), so a kill at any moment leaves a checkpoint whole or ignored."""
-        if self.args.should_save:
-            path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", PPO_STATE)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump({"kl_coef": self.kl_coef, "episode": self.episode, "moments": self.moments.state(),
-                           "lr_scale": self.lr_scale, "vetted": sorted(self.vetted), "guards": guards.state(self),
-                           "batch": _batch_shape(self.plan)}, f)
+        checkpoint.write_state(self, guards.state(self))
         # rotation (save_total_limit) keeps the newest checkpoint and Trainer's "best" one: for PPO, the newest vetted
         self.state.best_model_checkpoint = guards.newest_vetted(self)
         super()._save_checkpoint(model, trial)
@@ -511,119 +391,10 @@ class PPOTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
-    def _resume(self, checkpoint: str) -> None:
-        self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
-        # the saved state is rank 0's: every rank would believe it is process zero (and write every log line)
-        self.state.is_local_process_zero, self.state.is_world_process_zero = self.is_local_process_zero(), self.is_world_process_zero()
-        self._load_callback_state()
-        with open(os.path.join(checkpoint, PPO_STATE), encoding="utf-8") as f:
-            saved = json.load(f)
-        if saved.get("batch", _batch_shape(self.plan)) != _batch_shape(self.plan):
-            raise UserError(f"{checkpoint} was written by a run whose rollout batch was {saved['batch']}; this run's is "
-                            f"{_batch_shape(self.plan)}. Its step count, data position and schedule mean that batch "
-                            "only, so it cannot go on with another process count or batch size.",
-                            fix="resume with the processes and batch settings the run started with (total_episodes "
-                                "may grow), or start over with overwrite=true")
-        self.kl_coef, self.episode = saved["kl_coef"], saved["episode"]
-        self.moments = core.RunningMoments(**saved["moments"])
-        self.lr_scale = saved.get("lr_scale", 1.0)  # the scaled rate itself comes back with optimizer and scheduler
-        self.vetted = set(saved.get("vetted", [0]))
-        guards.load_state(self, saved.get("guards", []))
-        self._load_rng_state(checkpoint)
-
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Non-DeepSpeed resume: the trainable weights (policy and value) of the wrapper."""
-        from safetensors.torch import load_file
-
-        state = load_file(os.path.join(resume_from_checkpoint, TRAINABLE))
-        extra = set(state) - set(self.model.state_dict())
-        missing = {n for n, p in self.model.named_parameters() if p.requires_grad} - set(state)
-        if extra or missing:  # a different model or adapter layout: resuming would train from half-restored weights
-            raise UserError(f"checkpoint {resume_from_checkpoint} does not fit this model: "
-                            f"{len(missing)} trainable tensors missing (e.g. {sorted(missing)[:2]}), "
-                            f"{len(extra)} unknown (e.g. {sorted(extra)[:2]}).",
-                            fix="resume with the recipe that wrote it, or start over with overwrite=true")
-        self.model.load_state_dict(state, strict=False)
+        checkpoint.load_trainable(self.model, resume_from_checkpoint)
 
     def save_model(self, output_dir=None, _internal_call=False):
-        """The result (policy + value as HF files), or for a checkpoint (`_internal_call`) the trainable weights
-        once: under DeepSpeed its own checkpoint holds them, so nothing is consolidated; elsewhere
-        trainable.safetensors. Under ZeRO-3 only what is written is gathered, never the frozen reference or reward."""
-        from hfalign.ppo.saving import save_parts, save_trainable, state_to_save
-
-        output_dir = output_dir or self.args.output_dir
-        if _internal_call and self.is_deepspeed_enabled:
-            return
-        state = state_to_save(self.model, trainable_only=_internal_call, should_save=self.args.should_save)
-        if not self.args.should_save:
-            return
-        if _internal_call:
-            save_trainable(state, output_dir)
-        else:
-            save_parts(self.model, state, output_dir, self.tokenizer)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    # -- summary ---------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate_completions(self, sampling: bool = False) -> list[dict]:
-        """TRL 1.12's: the policy's completions of the eval prompts, near-greedy (temperature 0.01, as TRL), scored;
-        seeded with args.seed (the training's random stream is left as it was); returns the rows {query,
-        model response, score}, prints the first five, appends them to
-        output_dir/completions.jsonl (with the step) and sends them to trackers that show tables. `sampling`: only
-        the first batch of per_device_eval_batch_size prompts. No eval set: nothing (as TRL)."""
-        from hfalign.callback_types import to_trackers
-
-        if not self.eval_prompts:
-            return []
-        prompts = self.eval_prompts[:self.args.per_device_eval_batch_size] if sampling else self.eval_prompts
-        rows = []
-        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # seeded, so repeatable; training's random stream untouched
-            torch.manual_seed(self.args.seed)
-            for i in range(0, len(prompts), self.args.local_rollout_forward_batch_size):
-                q, m = left_pad(prompts[i:i + self.args.local_rollout_forward_batch_size], self.tokenizer.pad_token_id)
-                r = self.rollout(q.to(self.accelerator.device), m.to(self.accelerator.device), temperature=0.01 + 1e-7)
-                for query, response, score in zip(self.tokenizer.batch_decode(q, skip_special_tokens=True),
-                                                  self.tokenizer.batch_decode(r.responses, skip_special_tokens=True),
-                                                  r.scores.tolist()):
-                    rows.append({"query": query, "model response": response, "score": score})
-        if self.is_world_process_zero():
-            print("\n".join([f"hfalign completions (step {self.state.global_step}):",
-                             *(f"  {row['query']!r} -> {row['model response']!r}  score {row['score']:.3f}" for row in rows[:5])]),
-                  flush=True)
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, "completions.jsonl"), "a", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps({"step": self.state.global_step, **row}) + "\n")
-            to_trackers(rows, self.state.global_step, self.callback_handler.callbacks)
-        return rows
-
-    @torch.no_grad()
-    def sample(self, role: str, num_prompts: int) -> dict:
-        """Completions of the held-out prompts (in order, from the first again while more are asked for than there are)
-        from the policy or the reference, with scores and KL to the reference."""
-        prompts = self.eval_prompts or self.prompts
-        prompts = (prompts * -(-num_prompts // len(prompts)))[:num_prompts]
-        torch.manual_seed(self.args.seed)
-        out = {"prompt": [], "completion": [], "score": [], "kl": [], "has_eos": []}
-        for i in range(0, len(prompts), self.args.local_rollout_forward_batch_size):
-            q, m = left_pad(prompts[i:i + self.args.local_rollout_forward_batch_size], self.tokenizer.pad_token_id)
-            r = self.rollout(q.to(self.accelerator.device), m.to(self.accelerator.device), role=role)
-            out["prompt"] += self.tokenizer.batch_decode(q, skip_special_tokens=True)
-            out["completion"] += self.tokenizer.batch_decode(r.responses, skip_special_tokens=True)
-            out["score"] += r.scores.tolist()
-            own = r.ref_logprobs if role == "ref" else r.logprobs  # KL of the sampling model to the reference
-            out["kl"] += (own - r.ref_logprobs).sum(1).tolist()
-            out["has_eos"] += r.has_eos.tolist()
-        return out
-
-
-def _batch_shape(p) -> dict:
-    """What a checkpoint's step count means: processes x prompts per process per update."""
-    return {"processes": p.world_size, "prompts_per_process": p.rollout_batch}
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
+        """The result (policy + value as HF files); for a checkpoint (`_internal_call`) the trainable weights."""
+        checkpoint.save_model(self, output_dir, checkpoint=_internal_call)

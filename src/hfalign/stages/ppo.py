@@ -41,7 +41,7 @@ def check(recipe: Recipe, rows: dict) -> None:
     if rows["train"] is None:
         return  # a hub set: counted when loaded
     world, n = int(os.environ.get("WORLD_SIZE", "1")), len(rows["train"])
-    problem = plan_problem(plan(trainargs.settings(recipe, "ppo"), world, n), n)
+    problem = plan_problem(plan(trainargs.settings(recipe, config_class), world, n), n)
     if problem:
         raise UserError(f"PPO batch does not fit the data: {problem}.",
                         fix="lower train.per_device_train_batch_size or train.num_mini_batches, or add prompts")
@@ -72,7 +72,7 @@ def summarize(recipe: Recipe, trainer, eval_set) -> dict:
 
 
 def sample_stats(recipe: Recipe, trainer, role: str) -> dict:
-    s = trainer.sample(role, trainer.args.num_eval_prompts)
+    s = sample(trainer, role, trainer.args.num_eval_prompts)
     n = len(s["completion"])
     out = {"prompts": n, "score": sum(s["score"]) / n, "kl": sum(s["kl"]) / n,
            "eos_rate": sum(s["has_eos"]) / n, "mean_chars": sum(len(c) for c in s["completion"]) / n}
@@ -84,6 +84,30 @@ def sample_stats(recipe: Recipe, trainer, role: str) -> dict:
         fn = _rule(import_function(rules.well_formed, "summary.well_formed"))
         out["well_formed"] = sum(bool(fn(c, p)) and e for c, p, e in zip(s["completion"], s["prompt"], s["has_eos"])) / n
     out["examples"] = s["completion"][:3]
+    return out
+
+
+def sample(trainer, role: str, num_prompts: int) -> dict:
+    """Completions of the held-out prompts (in order, from the first again while more are asked for than there are)
+    from the policy or the reference, seeded, with scores and KL to the reference."""
+    import torch
+
+    from hfalign.ppo.rollout import left_pad
+
+    prompts = trainer.eval_prompts or trainer.prompts
+    prompts = (prompts * -(-num_prompts // len(prompts)))[:num_prompts]
+    batch, device, tok = trainer.args.local_rollout_forward_batch_size, trainer.accelerator.device, trainer.tokenizer
+    torch.manual_seed(trainer.args.seed)
+    out = {"prompt": [], "completion": [], "score": [], "kl": [], "has_eos": []}
+    for i in range(0, len(prompts), batch):
+        q, m = left_pad(prompts[i:i + batch], tok.pad_token_id)
+        r = trainer.rollout(q.to(device), m.to(device), role=role)
+        out["prompt"] += tok.batch_decode(q, skip_special_tokens=True)
+        out["completion"] += tok.batch_decode(r.responses, skip_special_tokens=True)
+        out["score"] += r.scores.tolist()
+        own = r.ref_logprobs if role == "ref" else r.logprobs  # KL of the sampling model to the reference
+        out["kl"] += (own - r.ref_logprobs).sum(1).tolist()
+        out["has_eos"] += r.has_eos.tolist()
     return out
 
 
