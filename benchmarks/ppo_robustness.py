@@ -37,7 +37,8 @@ def hfalign(*args: str) -> None:
         raise RuntimeError(f"hfalign {' '.join(args[:2])} failed: {proc.stderr.strip().splitlines()[-3:]}")
 
 
-def run(task: str, seed: int, tmp: Path, ppo: list[str], recipes: str = "recipes", variant: str = "") -> dict:
+def run(task: str, seed: int, tmp: Path, ppo: list[str], recipes: str = "recipes", variant: str = "",
+        answers: int = 384) -> dict:
     work = tmp / f"{task}-{seed}"
     data, model = work / "data", work / "model"
     sft, rm, ppo_recipe = (f"{recipes}/{stage}{variant}.yaml" for stage in ("sft", "rm", "ppo"))
@@ -56,7 +57,7 @@ def run(task: str, seed: int, tmp: Path, ppo: list[str], recipes: str = "recipes
     hfalign("train", ppo_recipe, f"output_dir={work / 'ppo'}", *after_sft,
             f"reward.model={work / 'rm'}", f"data.train={data / 'ppo_prompts.jsonl'}",
             f"data.eval={data / 'ppo_eval_prompts.jsonl'}", f"summary.objective={rule}:objective",
-            f"summary.well_formed={rule}:well_formed", *common, *ppo)
+            f"summary.well_formed={rule}:well_formed", f"train.num_eval_prompts={answers}", *common, *ppo)
     rm_logs = [json.loads(ln) for ln in (work / "rm" / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((work / "ppo" / "summary.json").read_text())
     before, after = summary["before (reference)"], summary["after (policy)"]
@@ -78,9 +79,12 @@ def main() -> None:
     p.add_argument("--ppo", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the PPO recipe")
     p.add_argument("--recipes", default="recipes", help="recipe directory (recipes/lora: LoRA on a pretrained base)")
     p.add_argument("--variant", default="", help="recipe file suffix, e.g. -qlora")
+    p.add_argument("--answers", type=int, default=384, help="held-out answers sampled before and after PPO (the "
+                   "recipe's 96 give the well-formed rate +-0.02 at 0.95: one or two answers decided a run)")
     a = p.parse_args()
     if a.ppo or a.recipes != "recipes" or a.variant:
         print(f"{a.recipes}/{{sft,rm,ppo}}{a.variant}.yaml", "with " + " ".join(a.ppo) if a.ppo else "")
+    print(f"objective and well-formed on {a.answers} held-out answers before and after PPO")
     print("| task | seed | RM acc | KL | objective SFT -> PPO | well-formed SFT -> PPO | guard trips | target |")
     print("|---|---|---|---|---|---|---|---|")
     results, t0 = [], time.perf_counter()
@@ -88,7 +92,7 @@ def main() -> None:
         for task in a.tasks:
             for seed in a.seeds:
                 try:
-                    r = run(task, seed, Path(tmp), a.ppo, a.recipes, a.variant)
+                    r = run(task, seed, Path(tmp), a.ppo, a.recipes, a.variant, a.answers)
                 except RuntimeError as e:
                     print(f"| {task} | {seed} | failed: {e} |||||")
                     continue

@@ -10,7 +10,7 @@ the policy stopping at EOS on both (TRL: stop_token eos). TRL 1.12 is installed 
 as ppo_throughput.py does. Each trainer runs in its own process.
 
 Printed: the first update's metric pairs with a verdict per metric, then the learning curves side by side (means
-over blocks of updates). What may differ, and why (README "Migrating from TRL 1.12"):
+over blocks of updates). What may differ, and why (docs/migrating.md):
   - objective/scores: the responses are sampled by two different programs (same weights, same seed, other random
     streams), so the first update's scores differ by sampling noise; hfalign also reads the score at the EOS token,
     TRL 1.12 at the pad after it (trl#3750). Tolerance: 3 standard errors of the first update's mean score.

@@ -198,7 +198,7 @@ def test_lora_shared_base_trains_and_saves_adapters(lora_pipeline, tmp_path):
                                 "train.total_episodes=128", "train.num_eval_prompts=8", "train.learning_rate=1e-2")
     assert code == 0, err[-3000:]
     # a LoRA policy's acting defaults: the trust region and the reference-tail KL, on and said so
-    assert "hfalign ppo step control: adaptive_lr on, vocab_kl_coef 3 (mass on tokens the reference gives < 0.001)" in stdout
+    assert "hfalign ppo step control: adaptive_lr on, vocab_kl_coef 10 (mass on tokens the reference gives < 0.001)" in stdout
     updates = read_jsonl(out / "metrics.jsonl", having="objective/kl")
     assert all("policy/vocab_kl" in u for u in updates) and updates[-1]["policy/vocab_kl"] > 0
     before = load_file(str(lora_pipeline["sft"] / "adapter_model.safetensors"))
@@ -294,7 +294,8 @@ def test_api_with_peft_config(pipeline, tmp_path):
     tok = AutoTokenizer.from_pretrained(pipeline["sft"], padding_side="left")
     prompts = read_jsonl(ROOT / "data/ppo_prompts.jsonl")[:32]
     args = PPOConfig(output_dir=str(tmp_path / "peft"), per_device_train_batch_size=8, num_mini_batches=2,
-                     total_episodes=16, response_length=12, report_to="none", save_strategy="no", learning_rate=1e-2)
+                     total_episodes=16, response_length=12, report_to="none", save_strategy="no", learning_rate=1e-2,
+                     adaptive_lr=False)  # which adapters train, not the trust region (it may undo a 1e-2 step)
     trainer = PPOTrainer(args=args, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(pipeline["sft"]),
                          reward_model=AutoModelForSequenceClassification.from_pretrained(pipeline["rm"]),
                          train_dataset=datasets.Dataset.from_list(prompts),
@@ -306,7 +307,7 @@ def test_api_with_peft_config(pipeline, tmp_path):
     assert any(".value." in n for n in changed) and any(".default." in n for n in changed)
     trainer.save_model(str(tmp_path / "peft_out"))
     assert (tmp_path / "peft_out" / "adapter_model.safetensors").exists()
-    assert trainer.vocab_kl_coef == 3.0 and "policy/vocab_kl" in logged(trainer)[-1]  # a LoRA policy's default, here too
+    assert trainer.vocab_kl_coef == 10.0 and "policy/vocab_kl" in logged(trainer)[-1]  # a LoRA policy's default, here too
 
 
 def test_kl_guard_stops_and_saves(pipeline, tmp_path):
@@ -448,3 +449,21 @@ def test_a_reference_pass_on_the_raw_base_keeps_the_value_adapter_trainable(pipe
     assert {n for n, p in wrapper.named_parameters() if p.requires_grad} == trainable
     (logits.float().mean() + values.mean()).backward()
     assert all(p.grad is not None for n, p in wrapper.named_parameters() if ".value." in n and "lora_B" in n)
+
+
+def test_policy_loss_knobs_reach_the_update(pipeline, tmp_path):
+    """train.loss_aggregation, cliprange_low/high and dual_clip are what the micro-step's loss uses: at lr 0 (ratio
+    1, nothing clips) the same rollouts give a different policy loss summed per response than averaged per token,
+    and the same one with clip-higher and the dual clip on; values that make no sense refuse."""
+    runs = {}
+    for name, knobs in {"mean": {}, "sum": {"loss_aggregation": "seq_mean_token_sum"},
+                        "clips": {"cliprange_low": 0.2, "cliprange_high": 0.28, "dual_clip": 3.0}}.items():
+        trainer = api_trainer(pipeline, tmp_path / name, learning_rate=0.0, total_episodes=16, **knobs)
+        trainer.train()
+        runs[name] = logged(trainer)[-1]
+    assert runs["sum"]["objective/scores"] == runs["mean"]["objective/scores"]  # the same rollouts
+    assert runs["sum"]["loss/policy_avg"] != pytest.approx(runs["mean"]["loss/policy_avg"], abs=1e-4)
+    assert runs["clips"]["loss/policy_avg"] == pytest.approx(runs["mean"]["loss/policy_avg"], abs=1e-6)
+    for bad in ({"dual_clip": 1.0}, {"cliprange_low": 1.5}, {"cliprange_high": -0.1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PPOConfig(output_dir=str(tmp_path / "bad"), report_to="none", **bad)

@@ -265,7 +265,7 @@ def test_ppo_config_defaults_are_the_robust_ones_and_the_template_writes_them_ou
     from hfalign.ppo.config import PPOConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
-    assert {k: defaults[k] for k in ROBUST_DEFAULTS} == ROBUST_DEFAULTS  # README "PPO defaults" says why
+    assert {k: defaults[k] for k in ROBUST_DEFAULTS} == ROBUST_DEFAULTS  # docs/ppo-defaults.md says why
     template = yaml.safe_load((ROOT / "recipes/ppo.yaml").read_text())["train"]
     assert {k: template[k] for k in ROBUST_DEFAULTS} == ROBUST_DEFAULTS  # what the robustness table measured
     assert PPOConfig(output_dir="x", report_to="none").normalize_scores  # and what the TRL-style API gets

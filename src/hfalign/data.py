@@ -91,7 +91,7 @@ def _bad(source: str, row: dict, what: str, fix: str) -> UserError:
 
 def _check_messages(value, source, row, col) -> None:
     if not isinstance(value, list) or not value:
-        raise _bad(source, row, f"'{col}' must be a non-empty list of {{role, content}} messages.", "see the messages format in README")
+        raise _bad(source, row, f"'{col}' must be a non-empty list of {{role, content}} messages.", "see the data formats in docs/recipes.md")
     for j, msg in enumerate(value):
         if not isinstance(msg, dict) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
             raise _bad(source, row, f"'{col}[{j}]' must be {{role: {'|'.join(ROLES)}, content: text}}, got {msg!r}.",

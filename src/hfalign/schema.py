@@ -176,7 +176,7 @@ def parse_into(cls: type, data: Any, where: str):
 
 
 def describe_schema(cls: type, prefix: str = "") -> list[str]:
-    """One line per field: dotted key, type, default, help. Used by `hfalign schema` and the README."""
+    """One line per field: dotted key, type, default, help. Used by `hfalign schema`; docs/hooks.py renders the same fields as tables."""
     lines = []
     types_ = field_types(cls)
     for f in dataclasses.fields(cls):

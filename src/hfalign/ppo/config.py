@@ -1,6 +1,6 @@
 """PPOConfig: TrainingArguments plus the PPO fields. Every field of TRL 1.12's PPOConfig is here under its name and
-meaning (a TRL script parses this class with HfArgumentParser unchanged); where hfalign's default differs, README
-"PPO defaults" says why and TRL_1_12_DEFAULTS holds TRL's. The batch plan derived from it is in plan.py (no torch
+meaning (a TRL script parses this class with HfArgumentParser unchanged); where hfalign's default differs, docs/ppo-defaults.md
+says why and TRL_1_12_DEFAULTS holds TRL's. The batch plan derived from it is in plan.py (no torch
 import: validation uses it)."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class PPOConfig(TrainingArguments):
     normalize_scores: bool = field(default=True, metadata={"help": "Normalise scores by their running mean and std, so the KL coefficient means the same whatever the reward model's scale (OpenAI lm-human-preferences normalises its reward model; 'Secrets of RLHF' PPO-max). TRL 1.12: false."})
 
     # KL
-    kl_coef: float = field(default=0.2, metadata={"help": "Initial KL coefficient beta in r_t = -beta * KL_t. TRL 1.12's 0.05 let reward hacking through on the robustness tasks (README 'Robustness'); lm-human-preferences starts at 0.15."})
+    kl_coef: float = field(default=0.2, metadata={"help": "Initial KL coefficient beta in r_t = -beta * KL_t. TRL 1.12's 0.05 let reward hacking through on the robustness tasks (docs/robustness.md); lm-human-preferences starts at 0.15."})
     kl_estimator: Literal["k1", "k3"] = field(default="k1", metadata={"help": "Per-token KL estimator."})
     adaptive_kl: bool = field(default=True, metadata={"help": "Adapt beta towards target_kl (Ziegler et al. 2019): a long run's KL settles near the target instead of drifting. TRL 1.12: false."})
     target_kl: float = field(default=3.0, metadata={"help": "Adaptive KL target (per-response KL, nats). Ziegler et al. used 6; every robustness run that held stayed at KL 1-3 and the runs that collapsed went past 7."})
@@ -52,13 +52,17 @@ class PPOConfig(TrainingArguments):
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
     num_mini_batches: int = field(default=1, metadata={"help": "Minibatches per rollout batch; one optimizer step each."})
     cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    cliprange_low: float | None = field(default=None, metadata={"help": "The ratio's lower clip, 1 - cliprange_low; null: cliprange."})
+    cliprange_high: float | None = field(default=None, metadata={"help": "The ratio's upper clip, 1 + cliprange_high; null: cliprange. Above cliprange_low: DAPO's clip-higher (0.28 with 0.2), room for unlikely tokens to gain."})
+    dual_clip: float | None = field(default=None, metadata={"help": "c > 1: a token with a negative advantage loses at most c x |A| (dual-clip PPO, Ye et al. 2020): a ratio far above 1 on a bad token cannot blow the loss up. null: off."})
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = field(default="token_mean", metadata={"help": "How per-token policy losses become one number: token_mean (every token of the micro-batch alike; TRL 1.12), seq_mean_token_mean (every response alike), seq_mean_token_sum, seq_mean_token_sum_norm (token sum / response_length, a constant: Dr. GRPO, no length bias)."})
     cliprange_value: float = field(default=0.2, metadata={"help": "Value clip around the rollout values."})
     vf_coef: float = field(default=0.1, metadata={"help": "Value loss coefficient."})
     entropy_coef: float = field(default=0.0, metadata={"help": "Entropy bonus coefficient."})
     early_stop_kl: float | None = field(default=0.02, metadata={"help": "Stop a batch's PPO epochs once their mean approx-KL exceeds this (seen as fewer train/optimizer_steps): a safety net against one bad batch moving the policy far (Spinning Up stops at 1.5 x 0.01). Healthy updates stay near 1e-3. null: never. TRL 1.12: never."})
     adaptive_lr: bool | None = field(default=None, metadata={"help": "A trust region on the measured approx-KL: every minibatch's forward measures how far the update's steps so far moved the policy from the one that sampled the rollout. Past early_stop_kl, the last optimizer step is undone (weights and optimizer state; not under DeepSpeed, whose engine owns them), the update ends and the learning rate is halved; otherwise the rate follows rl_games' adaptive schedule (/ 1.5 above 2 x adaptive_lr_target, x 1.5 below half of it, within 1%..100% of the configured rate, checkpointed). null: on when the policy trains a LoRA adapter (a single LoRA step can move near-certain tokens by several nats: its learning rate was a knife edge), off for full fine-tuning. TRL 1.12: no."})
     adaptive_lr_target: float = field(default=0.01, metadata={"help": "The approx-KL per optimizer step adaptive_lr steers to (healthy updates here measure 1e-3..1e-2)."})
-    vocab_kl_coef: float | None = field(default=None, metadata={"help": "Adds this x a KL to the reference computed over the whole vocabulary, at every response position of the rollout, to the loss (one more reference forward per micro-batch; logged as policy/vocab_kl). The per-token KL in the reward sees only the sampled token, so mass creeping onto tokens the reference never samples (garbage tails: a LoRA adapter moves the hidden state under a frozen output layer) is penalised only once sampled; this term sees it at once. null: 3.0 when the policy trains a LoRA adapter (measured: the LoRA suite held 9/9 with it, 4/9 without), 0 (off) for full fine-tuning. TRL 1.12: no."})
+    vocab_kl_coef: float | None = field(default=None, metadata={"help": "Adds this x a KL to the reference computed over the whole vocabulary, at every response position of the rollout, to the loss (one more reference forward per micro-batch; logged as policy/vocab_kl). The per-token KL in the reward sees only the sampled token, so mass creeping onto tokens the reference never samples (garbage tails: a LoRA adapter moves the hidden state under a frozen output layer) is penalised only once sampled; this term sees it at once. null: 10 when the policy trains a LoRA adapter (with vocab_kl_tail 0.001; the LoRA suite, docs/robustness.md: 4/9 without it), 0 (off) for full fine-tuning. TRL 1.12: no."})
     vocab_kl_tail: float | None = field(default=0.001, metadata={"help": "Which KL vocab_kl_coef weighs: a probability tau -> the KL of the two-part split {tokens the reference gives < tau, the rest}: mass the policy moves onto the reference's tail costs, reshaping among the tokens the reference finds plausible is free (it holds the form without holding back learning); null -> the exact KL over every token (holds the form, and learning with it)."})
     value_warmup_updates: int = field(default=0, metadata={"help": "Critic warm-up: for the first N updates only the value loss trains (the policy stays as it is)."})
 
@@ -67,7 +71,7 @@ class PPOConfig(TrainingArguments):
     num_sample_generations: int = field(default=0, metadata={"help": "TRL 1.12: call generate_completions(sampling=True) this many times during training (every num_total_batches // N updates; needs an eval set). hfalign's sample table (samples.jsonl) records rollouts anyway, so 0 by default; TRL 1.12: 10."})
 
     # TRL 1.12's remaining fields, same names and meaning
-    stop_token: Literal["eos"] | None = field(default=None, metadata={"help": "TRL 1.12: 'eos' ends responses at the tokenizer's EOS. hfalign always does (plus stop_tokens / the family's end-of-turn tokens), so 'eos' and null behave alike here; TRL 1.12 with null scored the whole response_length (README: Migrating from TRL 1.12)."})
+    stop_token: Literal["eos"] | None = field(default=None, metadata={"help": "TRL 1.12: 'eos' ends responses at the tokenizer's EOS. hfalign always does (plus stop_tokens / the family's end-of-turn tokens), so 'eos' and null behave alike here; TRL 1.12 with null scored the whole response_length (docs/migrating.md)."})
     stop_token_id: int | None = field(default=None, metadata={"help": "TRL 1.12: a token id that ends responses; joins stop_token_ids."})
     sft_model_path: str = field(default="EleutherAI/pythia-160m", metadata={"help": "TRL 1.12's example scripts: the policy to load. Read by your script; the trainer takes models, as TRL's did."})
     reward_model_path: str = field(default="EleutherAI/pythia-160m", metadata={"help": "TRL 1.12's example scripts: the reward model to load. Read by your script, as in TRL."})
@@ -93,9 +97,22 @@ class PPOConfig(TrainingArguments):
             self.ddp_backend = "gloo"
         if self.vocab_kl_tail is not None and not 0 < self.vocab_kl_tail < 1:
             raise ValueError(f"vocab_kl_tail is a probability in (0, 1), got {self.vocab_kl_tail}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 (a multiple of |advantage|), got {self.dual_clip}; null turns it off")
+        if self.cliprange_low is not None and not 0 <= self.cliprange_low < 1:
+            raise ValueError(f"cliprange_low must be in [0, 1), got {self.cliprange_low}")
+        if self.cliprange_high is not None and self.cliprange_high < 0:
+            raise ValueError(f"cliprange_high must be >= 0, got {self.cliprange_high}")
         super().__post_init__()
 
-# TRL 1.12's PPOConfig defaults where hfalign's differ (README "PPO defaults" says why): PPOConfig(**TRL_1_12_DEFAULTS,
+    @property
+    def loss_options(self) -> dict:
+        """The policy loss's settings, as core.policy_loss takes them."""
+        return {"cliprange": self.cliprange if self.cliprange_low is None else self.cliprange_low,
+                "cliprange_high": self.cliprange if self.cliprange_high is None else self.cliprange_high,
+                "dual_clip": self.dual_clip, "how": self.loss_aggregation, "norm_length": self.response_length}
+
+# TRL 1.12's PPOConfig defaults where hfalign's differ (docs/ppo-defaults.md says why): PPOConfig(**TRL_1_12_DEFAULTS,
 # ...) runs TRL 1.12's PPO settings on hfalign's trainer (benchmarks/trl_parity.py does).
 TRL_1_12_DEFAULTS = {"kl_coef": 0.05, "adaptive_kl": False, "normalize_scores": False, "early_stop_kl": None,
                      "missing_eos_penalty": None, "max_prompt_length": None, "logging_steps": 10, "save_steps": 500,

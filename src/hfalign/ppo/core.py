@@ -224,21 +224,61 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate. Stats: clipfrac, approx-KL (0.5 * E[log r^2]), ratio mean and variance."""
-    log_ratio = logprobs - old_logprobs
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, how: str = "token_mean", norm_length: int | None = None
+              ) -> torch.Tensor:
+    """Per-token loss -> a scalar. token_mean: over every real token of the batch (long answers weigh more);
+    seq_mean_token_mean: each response's token mean, then the mean over responses (every response weighs the same);
+    seq_mean_token_sum: each response's token sum, then the mean; seq_mean_token_sum_norm: the batch's token sum /
+    (responses x norm_length), a constant (Dr. GRPO: the maximum response length), so no length bias."""
+    mask = mask.to(loss.dtype)
+    if how == "token_mean":
+        return masked_mean(loss, mask)
+    if how == "seq_mean_token_mean":
+        return masked_mean(loss, mask, dim=1).mean()
+    if how == "seq_mean_token_sum":
+        return (loss * mask).sum(1).mean()
+    if how == "seq_mean_token_sum_norm":
+        return (loss * mask).sum() / (loss.shape[0] * (norm_length or loss.shape[1]))
+    raise ValueError(f"unknown loss_aggregation {how!r}; one of {', '.join(AGGREGATIONS)}")
+
+
+def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float,
+                      dual_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO loss max(-A r, -A clip(r, 1 - low, 1 + high)) with DAPO's clip-higher (low != high) and, where
+    dual_clip = c > 1, the dual clip for negative advantages (Ye et al. 2020): the loss is at most -A * c. Returns
+    (per-token loss, where a clip bit)."""
     ratio = torch.exp(log_ratio)
-    loss1 = -advantages * ratio
-    loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(loss1, loss2), mask)
+    loss1, loss2 = -advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss, clipped = torch.max(loss1, loss2), loss2 > loss1
+    if dual_clip is not None:
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1 (got {dual_clip})")
+        capped = torch.min(loss, -advantages * dual_clip)
+        clipped = clipped | ((advantages < 0) & (capped < loss))
+        loss = torch.where(advantages < 0, capped, loss)
+    return loss, clipped
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float, cliprange_high: float | None = None, dual_clip: float | None = None,
+                how: str = "token_mean", norm_length: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate: `cliprange` below 1 and `cliprange_high` (default: the same) above, optional dual clip,
+    aggregated over tokens as `how` says (PPOConfig.loss_options). Stats: clipfrac (where a clip bit), approx-KL
+    (0.5 * E[log r^2]), ratio mean and variance -- token means whatever the aggregation."""
+    log_ratio = logprobs - old_logprobs
+    high = cliprange if cliprange_high is None else cliprange_high
+    loss, clipped = clipped_surrogate(log_ratio, advantages, cliprange, high, dual_clip)
+    ratio = torch.exp(log_ratio)
     stats = {
-        "clipfrac": masked_mean((loss2 > loss1).float(), mask),
+        "clipfrac": masked_mean(clipped.float(), mask),
         "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
         "ratio": masked_mean(ratio, mask),
         "ratio_var": masked_var(ratio, mask, unbiased=False),
     }
-    return loss, stats
+    return aggregate(loss, mask, how, norm_length), stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

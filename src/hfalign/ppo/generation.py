@@ -7,7 +7,7 @@ generation_config.json and then from library defaults (top_k=50), while PPO's lo
 the temperature. So generation runs with a config hfalign owns entirely (the checkpoint's is swapped out for the
 call, and top_k=0 is explicit); a checkpoint whose generation_config asks for other sampling is told, once, that it is
 ignored. top_k / top_p from the recipe are honoured, and said to be off-policy: sampling draws from the truncated
-distribution while the logprobs stay those of the full softmax (README: On-policy sampling).
+distribution while the logprobs stay those of the full softmax (docs/ppo.md: On-policy sampling).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class HFGenerator:
         if truncated:
             print(f"hfalign: train.{' and train.'.join(truncated)} truncates sampling, while logprobs and KL are "
                   "those of the full softmax: the update is off-policy, and tokens outside the cut are never sampled, "
-                  "so never pushed down. Leave them unset to sample on-policy (README: On-policy sampling)", flush=True)
+                  "so never pushed down. Leave them unset to sample on-policy (docs/ppo.md: On-policy sampling)", flush=True)
         self._told = True
 
 

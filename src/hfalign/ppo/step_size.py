@@ -20,9 +20,9 @@ from hfalign.ppo.rollout import Rollout
 class StepSizeControl:
     def _resolve_step_control(self, args, lora_policy: bool) -> None:
         """The acting defaults a LoRA policy gets (null in PPOConfig): the trust region, and its tail held to the
-        reference's (vocab_kl_coef 3.0, README "LoRA"); full fine-tuning needs neither."""
+        reference's (vocab_kl_coef 10, docs/lora.md); full fine-tuning needs neither."""
         self.adaptive_lr = args.adaptive_lr if args.adaptive_lr is not None else lora_policy
-        self.vocab_kl_coef = args.vocab_kl_coef if args.vocab_kl_coef is not None else (3.0 if lora_policy else 0.0)
+        self.vocab_kl_coef = args.vocab_kl_coef if args.vocab_kl_coef is not None else (10.0 if lora_policy else 0.0)
 
     def _say_step_control(self) -> None:
         if self.adaptive_lr or self.vocab_kl_coef:  # said at the start, not hidden

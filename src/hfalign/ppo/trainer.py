@@ -213,7 +213,7 @@ class PPOTrainer(TRLSurface, StepSizeControl, Trainer):
         logits, vpred = model(r.full[idx], r.attn[idx], r.pos[idx], mode="train", logits_to_keep=r.mask.shape[1] + 1)
         logits = logits[:, :-1]
         new_logprobs, token_entropy = core.logprobs_and_entropy(logits, r.responses[idx], a.temperature)
-        pg_loss, pg = core.policy_loss(new_logprobs, r.logprobs[idx], advantages[idx], mask, a.cliprange)
+        pg_loss, pg = core.policy_loss(new_logprobs, r.logprobs[idx], advantages[idx], mask, **a.loss_options)
         vf_loss, vf_clipfrac = core.value_loss(vpred[:, Q - 1:-1], r.values[idx], returns[idx], mask, a.cliprange_value)
         warming_up = self._warming_up()  # the policy's zero gradients are dropped before the step (ppo_update)
         loss = (0.0 if warming_up else 1.0) * pg_loss + a.vf_coef * vf_loss

@@ -1,6 +1,6 @@
 """What a TRL 1.12 PPO script touches beyond the loop, so that it runs unchanged on hfalign's PPOTrainer: the argument
 checks TRL made (in its words), the trainer attributes it read, the derived batch fields it filled in, the config
-fields accepted and not acted on, and `generate_completions`. README "Migrating from TRL 1.12" has the table.
+fields accepted and not acted on, and `generate_completions`. docs/migrating.md has the table.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def check_vocabulary(tokenizer, policy) -> None:
 
 
 def fill_derived_fields(args: PPOConfig, p) -> None:
-    """TRL 1.12's derived batch fields, filled in as its trainer did (hfalign's meaning: README "Migrating from TRL
-    1.12"); world_size is TrainingArguments' own property (the process count)."""
+    """TRL 1.12's derived batch fields, filled in as its trainer did (hfalign's meaning:
+    docs/migrating.md); world_size is TrainingArguments' own property (the process count)."""
     args.num_total_batches = p.num_updates
     args.micro_batch_size, args.local_batch_size, args.batch_size = p.micro_batch * p.world_size, p.rollout_batch, p.global_rollout_batch
     args.local_mini_batch_size, args.mini_batch_size = p.mini_batch, p.mini_batch * p.world_size
