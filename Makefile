@@ -1,4 +1,4 @@
-# hfalign: make sft | make rm | make ppo | make test | make lint
+# hfalign: make sft | make rm | make ppo | make test | make lint | make docs | make docs-serve
 #   RECIPES=dir           recipe directory for sft/rm/ppo (default: recipes, the embedded default). Its stages run
 #                         $(RECIPES)/sft$(VARIANT).yaml ... and write outputs/<dir>$(VARIANT)/<stage>, e.g.
 #                         make ppo RECIPES=recipes/lora VARIANT=-qlora  -> outputs/lora-qlora/{sft,rm,ppo}
@@ -49,7 +49,7 @@ TINY_BASE := models/tiny-llama-base/config.json
 # the local model a recipe directory starts from (family templates name hub models: nothing to build)
 BASE := $(if $(filter recipes,$(DIR)),$(TINY),$(if $(filter recipes/lora,$(DIR)),$(TINY_BASE)))
 
-.PHONY: install tiny tiny-base data sft rm ppo train validate test lint clean
+.PHONY: install tiny tiny-base data sft rm ppo train validate test lint docs docs-serve docs-screenshot clean
 
 install: $(STAMP)
 
@@ -96,5 +96,18 @@ test: | $(STAMP)
 lint: | $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
 
+docs: | $(STAMP)  # the docs site into site/ (strict: a broken link or reference fails; the recipe reference is regenerated)
+	$(PY) -m mkdocs build --strict --site-dir site
+
+docs-serve: | $(STAMP)
+	$(PY) -m mkdocs serve
+
+CHROMIUM ?= chromium
+# the built getting-started page as a PNG, to look at (Debian: apt-get install chromium)
+docs-screenshot: docs
+	$(CHROMIUM) --headless --no-sandbox --disable-gpu --no-first-run --disable-background-networking \
+	  --disable-component-update --disable-sync --user-data-dir=$$(mktemp -d) --hide-scrollbars \
+	  --window-size=1280,1600 --screenshot=site/getting-started.png file://$(CURDIR)/site/getting-started/index.html
+
 clean:
-	rm -rf outputs models/tiny-llama models/tiny-llama-base
+	rm -rf outputs models/tiny-llama models/tiny-llama-base site
