@@ -4,7 +4,6 @@ validation read (the Recipe dataclasses and each stage's trainer config class), 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import MISSING
 
 from mkdocs.structure.files import File
 
@@ -15,41 +14,30 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ").strip()
 
 
-def _default(f) -> str:
-    if f.default is not MISSING:
-        return repr(f.default)
-    return "required" if f.default_factory is MISSING else repr(f.default_factory())
+def _shown(default) -> str:
+    return "required" if default == "required" else repr(default)  # schema.field_default's word for no default
 
 
-def _recipe_rows(cls, prefix: str = "") -> list[str]:
-    from hfalign.schema import describe, field_types
+def _recipe_rows(cls) -> list[str]:
+    from hfalign.schema import schema_rows
 
-    rows, types_ = [], field_types(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init or f.metadata.get("hidden"):
-            continue
-        tp, key = types_[f.name], f"{prefix}{f.name}"
-        section = f.metadata.get("section") or (tp if dataclasses.is_dataclass(tp) else None)
-        if section:
-            rows.append(f"| **`{key}`** | section | | {_cell(f.metadata.get('help', ''))} |")
-            rows += _recipe_rows(section, key + ".")
-            continue
-        rows.append(f"| `{key}` | {_cell(describe(tp))} | `{_cell(_default(f))}` | {_cell(f.metadata.get('help', ''))} |")
-    return rows
+    return [f"| **`{key}`** | section | | {_cell(help_)} |" if tp is None else
+            f"| `{key}` | {_cell(tp)} | `{_cell(_shown(default))}` | {_cell(help_)} |"
+            for key, tp, default, help_ in schema_rows(cls)]
 
 
 def _train_rows(cls) -> tuple[list[str], list[str]]:
     """(the class's own fields, the ones it inherits from transformers' TrainingArguments)."""
     from transformers import TrainingArguments
 
-    from hfalign.schema import describe, field_types
+    from hfalign.schema import describe, field_default, field_types
 
     base = {f.name for f in dataclasses.fields(TrainingArguments)}
     own, inherited, types_ = [], [], field_types(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        row = (f"| `train.{f.name}` | {_cell(describe(types_[f.name]))} | `{_cell(_default(f))}` | "
+        row = (f"| `train.{f.name}` | {_cell(describe(types_[f.name]))} | `{_cell(_shown(field_default(f)))}` | "
                f"{_cell(f.metadata.get('help', ''))} |")
         (inherited if f.name in base else own).append(row)
     return own, inherited

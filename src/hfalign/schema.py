@@ -175,20 +175,31 @@ def parse_into(cls: type, data: Any, where: str):
     return obj
 
 
-def describe_schema(cls: type, prefix: str = "") -> list[str]:
-    """One line per field: dotted key, type, default, help. Used by `hfalign schema`; docs/hooks.py renders the same fields as tables."""
-    lines = []
-    types_ = field_types(cls)
+def field_default(f: dataclasses.Field):
+    """A dataclass field's default: its value, its factory's value, or "required"."""
+    if f.default is not MISSING:
+        return f.default
+    return "required" if f.default_factory is MISSING else f.default_factory()
+
+
+def schema_rows(cls: type, prefix: str = "") -> list[tuple[str, str | None, object, str]]:
+    """(dotted key, type in words or None for a section, default, help) per field, sections before their keys."""
+    rows, types_ = [], field_types(cls)
     for f in dataclasses.fields(cls):
         if not f.init or f.metadata.get("hidden"):
             continue
-        path = f"{prefix}{f.name}"
-        tp = types_[f.name]
+        path, tp = f"{prefix}{f.name}", types_[f.name]
         section = f.metadata.get("section") or (tp if dataclasses.is_dataclass(tp) else None)
         if section:
-            lines.append(f"{path}:  {f.metadata.get('help', '')}")
-            lines += describe_schema(section, prefix=path + ".")
-            continue
-        default = f.default if f.default is not MISSING else ("required" if f.default_factory is MISSING else f.default_factory())
-        lines.append(f"{path}  ({describe(tp)}; default {default!r})  {f.metadata.get('help', '')}")
-    return lines
+            rows.append((path, None, None, f.metadata.get("help", "")))
+            rows += schema_rows(section, prefix=path + ".")
+        else:
+            rows.append((path, describe(tp), field_default(f), f.metadata.get("help", "")))
+    return rows
+
+
+def describe_schema(cls: type, prefix: str = "") -> list[str]:
+    """One line per field: dotted key, type, default, help. Used by `hfalign schema`; docs/hooks.py renders the same
+    rows (schema_rows) as tables."""
+    return [f"{key}:  {help_}" if tp is None else f"{key}  ({tp}; default {default!r})  {help_}"
+            for key, tp, default, help_ in schema_rows(cls, prefix)]
