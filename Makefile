@@ -1,4 +1,4 @@
-# hfalign: make sft | make rm | make ppo | make test | make lint | make docs | make docs-serve
+# hfalign: make sft | make rm | make ppo | make rloo | make grpo | make test | make lint | make docs | make docs-serve
 #   RECIPES=dir           recipe directory for sft/rm/ppo (default: recipes, the embedded default). Its stages run
 #                         $(RECIPES)/sft$(VARIANT).yaml ... and write outputs/<dir>$(VARIANT)/<stage>, e.g.
 #                         make ppo RECIPES=recipes/lora VARIANT=-qlora  -> outputs/lora-qlora/{sft,rm,ppo}
@@ -16,6 +16,8 @@ VARIANT ?=
 SFT_RECIPE ?= $(RECIPES)/sft$(VARIANT).yaml
 RM_RECIPE ?= $(RECIPES)/rm$(VARIANT).yaml
 PPO_RECIPE ?= $(RECIPES)/ppo$(VARIANT).yaml
+RLOO_RECIPE ?= $(RECIPES)/rloo$(VARIANT).yaml
+GRPO_RECIPE ?= $(RECIPES)/grpo$(VARIANT).yaml
 RECIPE ?= $(SFT_RECIPE)
 ACCELERATE_CONFIG ?=
 NUM_PROCESSES ?=
@@ -44,12 +46,14 @@ OUT := $(if $(filter recipes,$(DIR)),outputs,outputs/$(notdir $(DIR))$(VARIANT))
 SFT_DONE := $(OUT)/sft/hfalign_done.json
 RM_DONE := $(OUT)/rm/hfalign_done.json
 PPO_DONE := $(OUT)/ppo/hfalign_done.json
+RLOO_DONE := $(OUT)/rloo/hfalign_done.json
+GRPO_DONE := $(OUT)/grpo/hfalign_done.json
 TINY := models/tiny-llama/config.json
 TINY_BASE := models/tiny-llama-base/config.json
 # the local model a recipe directory starts from (family templates name hub models: nothing to build)
 BASE := $(if $(filter recipes,$(DIR)),$(TINY),$(if $(filter recipes/lora,$(DIR)),$(TINY_BASE)))
 
-.PHONY: install tiny tiny-base data sft rm ppo train validate test lint docs docs-serve docs-screenshot clean
+.PHONY: install tiny tiny-base data sft rm ppo rloo grpo reward-tokenizer reward-server reward-combined train validate test lint docs docs-serve docs-screenshot clean
 
 install: $(STAMP)
 
@@ -83,6 +87,38 @@ $(RM_DONE): $(RM_RECIPE) | $(SFT_DONE)
 ppo: $(PPO_DONE)
 $(PPO_DONE): $(PPO_RECIPE) | $(SFT_DONE) $(RM_DONE)
 	$(LAUNCH) $(PPO_RECIPE) $(ARGS)
+
+# the critic-free estimators (docs/estimators.md): RLOO from the reward model, GRPO from the task's rule (no RM)
+rloo: $(RLOO_DONE)
+$(RLOO_DONE): $(RLOO_RECIPE) | $(SFT_DONE) $(RM_DONE)
+	$(LAUNCH) $(RLOO_RECIPE) $(ARGS)
+
+grpo: $(GRPO_DONE)
+$(GRPO_DONE): $(GRPO_RECIPE) | $(SFT_DONE)
+	$(LAUNCH) $(GRPO_RECIPE) $(ARGS)
+
+# rewards from elsewhere (docs/rewards.md), on the embedded default: an RM with its own tokenizer (a tiny Qwen2), a
+# reward server (started for the run and stopped after it), and a combined reward (RM + a format rule)
+TINY_QWEN2 := models/tiny-qwen2/config.json
+REWARD_PORT ?= 8765
+$(TINY_QWEN2): | $(STAMP)
+	$(PY) -m hfalign build-tiny models/tiny-qwen2 --family qwen2
+
+outputs/reward/rm-qwen2/hfalign_done.json: recipes/reward/rm-qwen2.yaml | $(TINY_QWEN2)
+	$(LAUNCH) recipes/reward/rm-qwen2.yaml $(ARGS)
+
+reward-tokenizer: outputs/reward/rm-qwen2/hfalign_done.json | $(SFT_DONE)
+	$(LAUNCH) recipes/reward/ppo-qwen2-rm.yaml $(ARGS)
+
+reward-server: | $(SFT_DONE) $(RM_DONE)
+	@$(PY) -m hfalign serve-reward $(OUT)/rm --port $(REWARD_PORT) > $(OUT)/reward-server.log 2>&1 & server=$$!; \
+	trap "kill $$server" EXIT; \
+	for i in $$(seq 120); do $(PY) -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$(REWARD_PORT)/health')" \
+	  2> /dev/null && break; sleep 0.5; done; \
+	$(LAUNCH) recipes/reward/ppo-server.yaml reward.url=http://127.0.0.1:$(REWARD_PORT) $(ARGS)
+
+reward-combined: | $(SFT_DONE) $(RM_DONE)
+	$(LAUNCH) recipes/reward/ppo-combined.yaml $(ARGS)
 
 train: | $(STAMP) $(TINY)
 	$(LAUNCH) $(RECIPE) $(ARGS)

@@ -7,6 +7,8 @@
 #                                        memory case, then hfalign alone on the 0.7B benchmark
 #   bash benchmarks/gpu_check.sh lora    carry .whl and .bnb: recipes/lora and its -qlora variant (bf16 compute, CUDA
 #                                        4-bit kernels) end to end on the pretrained tiny base; does LoRA learn there?
+#   bash benchmarks/gpu_check.sh estimators   carry .whl: GAE vs RLOO vs GRPO on the 0.7B case (episodes/s, peak
+#                                        memory: what dropping the critic saves), then recipes/rloo.yaml and grpo.yaml
 #   bash benchmarks/gpu_check.sh trl     carry .whl and .trl112: TRL 1.12 vs hfalign with TRL's settings on the default
 #                                        pipeline (benchmarks/trl_parity.py), then TRL's ppo.py example (one import
 #                                        changed) on the tiny model, on the GPU
@@ -47,6 +49,13 @@ elif [ "$part" = trl ]; then
     --output_dir /tmp/trl-example --per_device_train_batch_size 4 --total_episodes 16 --model_name_or_path /tmp/qwen \
     --sft_model_path /tmp/qwen --reward_model_path /tmp/qwen-rm --missing_eos_penalty 1.0 --response_length 16 \
     --bf16 true --report_to none > "$OUT/9-trl-example.log" 2>&1
+elif [ "$part" = estimators ]; then
+  timeout 300 python3 benchmarks/ppo_gpu.py --trl-path none --episodes 256 --estimators gae rloo grpo \
+    > "$OUT/10-estimators-0.7b.log" 2>&1
+  for s in sft rm rloo grpo; do
+    t=$SECONDS; timeout 120 python3 -m hfalign "recipes/$s.yaml" >> "$OUT/11-estimator-recipes.log" 2>&1
+    echo "== $s rc=$? $((SECONDS - t)) s" >> "$OUT/11-estimator-recipes.log"
+  done
 elif [ "$part" = lora ]; then
   python3 -m hfalign build-tiny models/tiny-llama-base --pretrain 300 > "$OUT/0-build.log" 2>&1
   for v in "" -qlora; do

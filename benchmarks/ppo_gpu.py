@@ -2,6 +2,8 @@
 
     python benchmarks/ppo_gpu.py                    # CUDA: 0.7B LLaMA, bf16, 64 prompts x 64 new tokens
     python benchmarks/ppo_gpu.py --size tiny --device cpu --episodes 64   # a smoke run of this script on a CPU
+    python benchmarks/ppo_gpu.py --trl-path none --estimators gae rloo grpo   # hfalign's estimators side by side
+    python benchmarks/ppo_gpu.py --size 100m --device cpu --episodes 64 --trl-path none --estimators gae rloo
 
 Both trainers get the same weights (saved once, bf16), tokenizer (the embedded default's), prompts and settings:
 6 updates of 64 prompts x 64 new tokens, 4 PPO epochs x 4 minibatches, full fine-tuning with four models. Prints
@@ -9,6 +11,9 @@ episodes/s, peak GPU memory and, for hfalign, the time split generate / score / 
 --trl-path (a directory holding it, e.g. `pip install --no-deps --target DIR trl==1.12.0`) or is installed on
 demand like benchmarks/ppo_throughput.py does; it is skipped when it cannot be had. The 152k-vocabulary,
 512 + 512-token memory case is `python benchmarks/ppo_memory.py --device cuda --prompt-tokens 512 --new-tokens 512`.
+`--estimators gae rloo ...` runs hfalign once per advantage estimator on the same episodes (responses; 4 per prompt
+for the group estimators), with ratios to the first: a critic-free estimator builds no value model, so the 0.7B
+case shows what dropping the critic saves in memory and time.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import workers  # noqa: E402
 
 SIZES = {"0.7b": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=22, num_attention_heads=12,
+                      num_key_value_heads=4),
+         "100m": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                       num_key_value_heads=4), "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                                                            num_attention_heads=4, num_key_value_heads=2)}
 SETTINGS = dict(per_device_train_batch_size=16, gradient_accumulation_steps=1, num_mini_batches=4, num_ppo_epochs=4,
@@ -59,7 +66,7 @@ def worker(kind: str, models: str, device: str, episodes: int, out: str) -> dict
     tok = AutoTokenizer.from_pretrained(policy_dir, padding_side="left")
     rows = [json.loads(ln) for ln in (ROOT / "data/ppo_prompts.jsonl").read_text().splitlines()][:episodes]
     data = datasets.Dataset.from_list(rows)
-    dtype = torch.bfloat16
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # CPUs without bf16 units crawl in bf16
     load = dict(dtype=dtype)
     common = dict(output_dir=out, total_episodes=episodes, report_to="none", save_strategy="no", bf16=device == "cuda",
                   use_cpu=device == "cpu", logging_steps=1, **SETTINGS)
@@ -72,9 +79,13 @@ def worker(kind: str, models: str, device: str, episodes: int, out: str) -> dict
         extra = {"ref_model": AutoModelForCausalLM.from_pretrained(policy_dir, **load)}
     else:
         from hfalign.ppo import PPOConfig, PPOTrainer
+        from hfalign.ppo.plan import GROUPED
 
+        estimator = kind.partition(":")[2] or "gae"  # "hfalign:rloo"
+        k = 4 if estimator in GROUPED else 1
         # TRL 1.12's values for the robustness defaults, so both trainers do the same work
-        args, extra = PPOConfig(**common, early_stop_kl=None, adaptive_kl=False, normalize_scores=False), {}
+        args, extra = PPOConfig(**common, early_stop_kl=None, adaptive_kl=False, normalize_scores=False,
+                                advantage_estimator=estimator, num_generations=k), {}
     trainer = PPOTrainer(args=args, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(policy_dir, **load),
                          reward_model=AutoModelForSequenceClassification.from_pretrained(rm_dir, **load),
                          value_model=AutoModelForSequenceClassification.from_pretrained(rm_dir, **load),
@@ -86,7 +97,12 @@ def worker(kind: str, models: str, device: str, episodes: int, out: str) -> dict
     seconds = time.perf_counter() - t0
     logs = [h for h in trainer.state.log_history if "objective/kl" in h]
     split = {k: sum(h.get(k, 0.0) for h in logs) for k in ("timing/generate", "timing/score", "timing/update")}
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:  # the process's peak RSS (each run is its own process)
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"eps": episodes / seconds, "seconds": seconds, "peak_gib": peak, **split}
 
 
@@ -105,6 +121,7 @@ def main() -> None:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--episodes", type=int, default=384)
     p.add_argument("--trl-path", help="a directory holding trl==1.12.0 (default: install it on demand; 'none': hfalign alone)")
+    p.add_argument("--estimators", nargs="+", default=["gae"], help="hfalign runs, one per advantage_estimator")
     p.add_argument("--worker", nargs=4, metavar=("KIND", "MODELS", "EPISODES", "OUT"))
     a = p.parse_args()
     if a.worker:
@@ -119,10 +136,18 @@ def main() -> None:
         t0 = time.perf_counter()
         build(a.size, Path(tmp))
         print(f"  built the models in {time.perf_counter() - t0:.0f} s", flush=True)
-        runs = {"hfalign": run_worker(["hfalign", tmp, str(a.episodes), f"{tmp}/h", "--device", a.device], None)}
+        runs = {}
+        for e in a.estimators:
+            name = "hfalign" if e == "gae" else f"hfalign:{e}"
+            runs[name] = run_worker([name, tmp, str(a.episodes), f"{tmp}/h-{e}", "--device", a.device], None)
         trl_dir = None if a.trl_path == "none" else a.trl_path or trl112_path()
         if trl_dir:
             runs["TRL 1.12"] = run_worker(["trl", tmp, str(a.episodes), f"{tmp}/t", "--device", a.device], trl_dir)
+    first = runs.get("hfalign" if a.estimators[0] == "gae" else f"hfalign:{a.estimators[0]}")
+    for name, r in runs.items():
+        if first and r and r is not first and name != "TRL 1.12":
+            print(f"  ratio {name} / {a.estimators[0]}: {r['eps'] / first['eps']:.2f}x episodes/s, "
+                  f"{r['peak_gib'] / first['peak_gib']:.2f}x peak memory")
     if all(runs.get(k) for k in ("hfalign", "TRL 1.12")):
         print(f"  ratio hfalign / TRL 1.12: {runs['hfalign']['eps'] / runs['TRL 1.12']['eps']:.2f}x episodes/s, "
               f"{runs['hfalign']['peak_gib'] / runs['TRL 1.12']['peak_gib']:.2f}x peak memory")

@@ -84,3 +84,79 @@ def test_policy_loss_defaults_are_the_plain_clipped_surrogate():
     high, _ = core.policy_loss(new, old, a, mask, 0.2, cliprange_high=0.28, how="seq_mean_token_sum_norm", norm_length=6)
     want_high = -torch.minimum(a * ratio, a * torch.clamp(ratio, 0.8, 1.28))
     torch.testing.assert_close(high, (want_high * mask).sum() / (4 * 6))
+
+
+# -- ppo/estimate.py: each estimator as the trainer composes it (KL placement, groups, whitening) --------------------
+def _rollout(mask, values=None):
+    from types import SimpleNamespace
+
+    mask = T(mask)
+    last = mask.sum(1).long() - 1
+    return SimpleNamespace(mask=mask, last=last, values=torch.zeros_like(mask) if values is None else T(values))
+
+
+def _args(estimator, k=2, **kw):
+    from types import SimpleNamespace
+
+    base = dict(advantage_estimator=estimator, num_generations=k, kl_placement="in_reward", gamma=1.0, lam=0.95,
+                lam_actor=None, lam_critic=None, lam_actor_alpha=None, whiten_rewards=False, whiten_advantages=False)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_rloo_in_reward_sums_the_kl_into_each_response_reward():
+    from hfalign.ppo.estimate import estimate
+
+    r, kl = _rollout([[1.0, 1.0], [1.0, 1.0]]), T([[0.5, 0.5], [0.0, 1.0]])
+    # sequence rewards 1 - 0.2 * 1 = 0.8 and 3 - 0.2 * 1 = 2.8; leave-one-out: -2 and 2 on every token
+    e = estimate(_args("rloo"), r, T([1.0, 3.0]), kl, 0.2)
+    torch.testing.assert_close(e.advantages, T([[-2.0, -2.0], [2.0, 2.0]]))
+    assert e.returns is None
+    torch.testing.assert_close(e.non_score, T([[-0.1, -0.1], [0.0, -0.2]]))
+
+
+def test_grpo_with_kl_in_loss_sees_the_score_alone_and_is_never_whitened_again():
+    from hfalign.ppo.estimate import estimate
+
+    r, kl = _rollout([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]), T([[5.0, 5.0, 0.0], [0.0, 0.0, 9.0]])
+    e = estimate(_args("grpo", kl_placement="in_loss", whiten_advantages=True), r, T([1.0, 3.0]), kl, 0.2)
+    a = 1 / (math.sqrt(2) + 1e-6)  # (score - 2) / unbiased std sqrt(2)
+    torch.testing.assert_close(e.advantages, T([[-a, -a, 0.0], [a, a, a]]))
+    assert not e.non_score.any()
+    d = estimate(_args("dr_grpo", kl_placement="in_loss"), r, T([1.0, 3.0]), kl, 0.2)
+    torch.testing.assert_close(d.advantages, T([[-1.0, -1.0, 0.0], [1.0, 1.0, 1.0]]))
+
+
+def test_remax_subtracts_the_greedy_score_from_the_returns():
+    from hfalign.ppo.estimate import estimate
+
+    r = _rollout([[1.0, 1.0], [1.0, 0.0]])
+    kl = T([[0.5, 0.0], [1.0, 0.0]])
+    # token rewards [[-0.1, 1], [3 - 0.2, 0]]; returns [[0.9, 1], [2.8, 0]]; minus greedy 2 on real tokens
+    e = estimate(_args("remax", k=1), r, T([1.0, 3.0]), kl, 0.2, greedy_scores=T([2.0, 2.0]))
+    torch.testing.assert_close(e.advantages, T([[-1.1, -1.0], [0.8, 0.0]]))
+
+
+def test_reinforce_pp_baseline_centres_the_group_then_whitens_the_returns():
+    from hfalign.ppo.estimate import estimate
+
+    r, kl = _rollout([[1.0, 1.0], [1.0, 1.0]]), T([[0.5, 0.0], [0.0, 0.0]])
+    # scores [1, 3] -> [-1, 1]; token rewards [[-0.1, -1], [0, 1]] -> returns [[-1.1, -1], [1, 1]], then whitened
+    e = estimate(_args("reinforce_pp_baseline"), r, T([1.0, 3.0]), kl, 0.2)
+    returns = T([[-1.1, -1.0], [1.0, 1.0]])
+    mean, std = returns.mean(), returns.std()
+    torch.testing.assert_close(e.advantages, (returns - mean) / (std + 1e-8), atol=1e-5, rtol=1e-5)
+
+
+def test_decoupled_and_length_adaptive_gae_lambdas():
+    from hfalign.ppo.estimate import estimate
+
+    # lengths 20 and 100 at alpha 0.05: lambda 1 - 1/1 = 0 and 1 - 1/5 = 0.8
+    torch.testing.assert_close(adv.adaptive_lambda(T([20.0, 100.0]), 0.05), T([0.0, 0.8]))
+    r, kl = _rollout([[1.0, 1.0]]), T([[0.0, 0.0]])
+    # values 0, rewards [0, 1]: the critic's returns at lambda 1 are [1, 1]; the actor's advantages at lambda 0 are
+    # the one-step TD errors [0, 1]
+    e = estimate(_args("gae", k=1, lam_critic=1.0, lam_actor=0.0), r, T([1.0]), kl, 0.2)
+    torch.testing.assert_close(e.returns, T([[1.0, 1.0]]))
+    torch.testing.assert_close(e.advantages, T([[0.0, 1.0]]))
+    same = estimate(_args("gae", k=1, lam=0.5), r, T([1.0]), kl, 0.2)  # one lambda: advantages == returns - values
+    torch.testing.assert_close(same.advantages, T([[0.5, 1.0]]))

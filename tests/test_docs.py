@@ -8,6 +8,7 @@ import importlib.util
 import os
 import re
 import subprocess
+from pathlib import Path
 
 from helpers import PYTHON, ROOT
 
@@ -49,13 +50,16 @@ def test_recipe_reference_covers_every_key_of_every_stage():
 
 
 def test_getting_started_commands_are_real_make_targets():
-    """Every `make ...` line of the getting-started page's shell blocks names a target make can plan (a dry run:
-    the job itself, sft -> rm -> ppo on the embedded default, is what test_ppo.py's default pipeline runs)."""
-    page = (ROOT / "docs" / "getting-started.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", page, flags=re.S)
-    commands = [ln.split("#")[0].split() for block in blocks for ln in block.splitlines()]
-    makes = [c for c in commands if c and c[0] == "make"]
-    assert [c[1] for c in makes][:2] == ["ppo", "test"]
-    for command in makes:
+    """Every `make ...` line of the shell blocks of the README and the docs pages names a target make can plan (a dry
+    run: the job itself, sft -> rm -> ppo on the embedded default, is what test_ppo.py's default pipeline runs)."""
+    def makes(page: Path) -> list[list[str]]:
+        blocks = re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)
+        commands = [ln.split("#")[0].split() for block in blocks for ln in block.splitlines()]
+        return [c for c in commands if c and c[0] == "make"]
+
+    assert [c[1] for c in makes(ROOT / "docs" / "getting-started.md")][:2] == ["ppo", "test"]
+    everywhere = [c for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] for c in makes(page)]
+    assert ["make", "rloo"] in everywhere and ["make", "grpo"] in everywhere  # docs/estimators.md
+    for command in everywhere:
         proc = subprocess.run(["make", "-n", *command[1:]], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, (command, proc.stderr)

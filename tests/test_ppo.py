@@ -14,7 +14,7 @@ from hfalign import models, recipe
 from hfalign.ppo import core
 from hfalign.ppo.build import build
 from hfalign.ppo.config import PPOConfig
-from hfalign.ppo.rollout import left_pad
+from hfalign.ppo.rollout import call_reward_fn, left_pad
 from hfalign.ppo.trainer import PPOTrainer
 
 ISSUE_KEYS = ["objective/kl", "objective/kl_coef", "objective/entropy", "objective/scores", "objective/rlhf_reward",
@@ -359,7 +359,7 @@ def test_reward_function_returning_wrong_count(pipeline, tmp_path):
     trainer = api_trainer(pipeline, tmp_path)
     trainer.reward_fn = lambda prompts, completions: [1.0]
     with pytest.raises(UserError, match=r"returned 1 scores for 8 completions"):
-        trainer._call_reward_fn(["p"] * 8, ["c"] * 8)
+        call_reward_fn(trainer.reward_fn, ["p"] * 8, ["c"] * 8, trainer.accelerator.device)
 
 
 def test_bf16_models_keep_fp32_heads_and_values(pipeline, tmp_path):

@@ -74,6 +74,35 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(pipeline, tmp_path
         assert mine.keys() == theirs.keys() and all(mine[k] == pytest.approx(theirs[k], abs=1e-6) for k in mine), mine
 
 
+
+@pytest.mark.filterwarnings("ignore:value_model is not used")  # the helper passes one; said in test_estimators
+def test_a_resumed_grpo_run_equals_the_uninterrupted_one(pipeline, tmp_path):
+    """Critic-free and grouped (4 responses per prompt, KL in the loss): the policy, optimizer, KL coefficient, episode
+    counter and metric lines after a resume are the uninterrupted run's; there is no critic to restore. A gae run
+    cannot resume from its checkpoint (no critic in it) and is told so before any weights load."""
+    from hfalign.errors import UserError
+
+    grpo = dict(advantage_estimator="grpo", num_generations=4, kl_placement="in_loss", value_warmup_updates=0)
+    whole = trainer(pipeline, tmp_path / "whole", **grpo)
+    whole.train()
+    first = trainer(pipeline, tmp_path / "cut", callbacks=[StopAt(2)], **grpo)
+    first.train()
+    second = trainer(pipeline, tmp_path / "cut", **grpo)
+    second.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
+    a, b = trainable(whole), trainable(second)
+    assert a.keys() == b.keys() and not any(n.startswith("critic.") for n in a)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    assert whole.kl_coef == pytest.approx(second.kl_coef) and whole.episode == second.episode == 64
+    logs = lambda t: [{k: v for k, v in h.items() if not k.startswith(("timing/", "eps"))}  # noqa: E731
+                      for h in t.state.log_history if "objective/kl" in h]
+    after = [h for h in logs(second) if h["step"] > 2]
+    for mine, theirs in zip(after, logs(whole)[2:]):
+        assert "loss/kl_avg" in mine and "loss/value_avg" not in mine
+        assert all(mine[k] == pytest.approx(theirs[k], abs=1e-6) for k in mine), mine
+    with pytest.raises(UserError, match="advantage_estimator grpo; this run's is gae"):
+        trainer(pipeline, tmp_path / "cut", num_generations=4).train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
+
 def test_torn_checkpoint_is_passed_over(pipeline, tmp_path):
     """A kill during a save leaves a newest checkpoint without trainer_state.json, or with a truncated weight file:
     resume takes the newest complete one, and the run directory drops the torn ones."""

@@ -61,6 +61,29 @@ def test_deepspeed_ppo_two_processes(pipeline, tmp_path, config, port):
     assert json.loads((out / "summary.json").read_text())["after (policy)"]["prompts"] == 8
 
 
+
+def test_zero3_rloo_two_processes_then_eval(pipeline, tmp_path):
+    """RLOO under ZeRO-3 on 2 processes: groups of 4 responses stay on their process, no critic is built or saved,
+    the policy is gathered whole; `hfalign eval` rebuilds the run (critic-free) and measures it again."""
+    from helpers import cli
+
+    out = tmp_path / "rloo"
+    launch("zero3.yaml", 29548, ppo_args(pipeline, out, "train.per_device_train_batch_size=8",
+                                         "train.advantage_estimator=rloo", "train.num_generations=4"))
+    updates = read_jsonl(out / "metrics.jsonl", having="objective/kl")
+    assert [u["episode"] for u in updates] == [32, 64, 96, 128]  # responses: 2 processes x 4 prompts x 4
+    assert all("loss/value_avg" not in u and "val/explained_variance" not in u for u in updates)
+    assert not (out / "value").exists()
+    sft, ppo = load_file(str(pipeline["sft"] / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert ppo.keys() == sft.keys() and any(not torch.equal(sft[k], ppo[k]) for k in sft)
+    code, _, err = cli("eval", str(out), "--json", str(tmp_path / "eval.json"))
+    assert code == 0, err[-3000:]
+    rows = json.loads((tmp_path / "eval.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())["after (policy)"]
+    assert [r["model"] for r in rows] == ["reference (SFT)", "PPO policy"]
+    assert rows[1]["prompts"] == summary["prompts"] == 8
+    assert rows[0]["kl"] == 0 < rows[1]["kl"]  # the trained policy was loaded, not the SFT model again
+
 def test_zero3_lora_shared_base_saves_non_empty_adapters(lora_pipeline, tmp_path):
     """LoRA under ZeRO-3 has written empty adapters elsewhere (peft#2500, trl#4416)."""
     from peft import PeftModel

@@ -172,7 +172,9 @@ def test_reward_function_scores_land_on_the_accelerator_device(pipeline, tmp_pat
     trainer.reward_fn = lambda prompts, completions: [1.0] * len(completions)
     real, trainer.accelerator = trainer.accelerator, SimpleNamespace(device=torch.device("meta"))
     try:
-        assert trainer._call_reward_fn(["p"] * 3, ["c"] * 3).device.type == "meta"
+        from hfalign.ppo.rollout import call_reward_fn
+
+        assert call_reward_fn(trainer.reward_fn, ["p"] * 3, ["c"] * 3, trainer.accelerator.device).device.type == "meta"
     finally:
         trainer.accelerator = real
     q, m = left_pad(trainer.prompts[:4], trainer.tokenizer.pad_token_id)
@@ -262,20 +264,6 @@ def test_heads_and_values_stay_fp32_under_bf16_autocast_and_bf16_storage(pipelin
     with torch.no_grad():
         _, stored = wrapper(ids, mask, pos, mode="train")
     assert stored.dtype == torch.float32 and torch.allclose(stored, plain, atol=0.05)
-
-
-def test_reward_model_with_another_tokenizer_is_refused(pipeline, tmp_path):
-    from helpers import ppo_args
-
-    from hfalign.demo.tiny import build_tokenizer
-
-    rm = tmp_path / "rm"
-    shutil.copytree(pipeline["rm"], rm)
-    for f in rm.glob("tokenizer*"):
-        f.unlink()
-    build_tokenizer(vocab_size=300).save_pretrained(rm)
-    code, _, err = train_shipped("ppo.yaml", *ppo_args(pipeline, tmp_path / "out", f"reward.model={rm}"))
-    assert code == 2 and "was trained with another tokenizer than the policy's" in err and "Traceback" not in err
 
 
 def test_score_read_at_the_stop_token_in_a_mixed_left_padded_batch(pipeline, tmp_path):

@@ -12,22 +12,23 @@ from helpers import ROOT, read_jsonl, train_shipped
 
 from hfalign.recipe import load_tree
 
-DIRS = sorted(p for p in (ROOT / "recipes").iterdir() if p.is_dir())
+DIRS = sorted(p for p in (ROOT / "recipes").iterdir() if p.is_dir() and p.name != "reward")  # reward/: PPO variants
 
 
 def test_every_recipe_directory_follows_the_make_convention():
     """`make ppo RECIPES=recipes/NAME VARIANT=V` runs NAME/{sft,rm,ppo}V.yaml and waits for
-    outputs/NAMEV/<stage>/hfalign_done.json: each recipe must write there, and a variant must extend its plain file."""
+    outputs/NAMEV/<stage>/hfalign_done.json: each recipe must write there, and a variant must extend its plain file.
+    `make rloo` / `make grpo` likewise run NAME/{rloo,grpo}V.yaml, PPO-stage recipes writing outputs/NAMEV/rloo|grpo."""
     assert "lora" in [d.name for d in DIRS]
     for d in DIRS:
         for path in sorted(d.glob("*.yaml")):
             stage, _, variant = path.stem.partition("-")
             tree = load_tree(path)
-            assert tree["stage"] == stage, path
+            assert tree["stage"] == ("ppo" if stage in ("rloo", "grpo") else stage), path
             assert tree["output_dir"] == f"outputs/{d.name}{'-' + variant if variant else ''}/{stage}", path
             if variant:
                 assert path.read_text().count(f"extends: {stage}.yaml") == 1, path
-        assert {p.stem for p in d.glob("*.yaml") if "-" not in p.stem} == {"sft", "rm", "ppo"}, d
+        assert {p.stem for p in d.glob("*.yaml") if "-" not in p.stem} - {"rloo", "grpo"} == {"sft", "rm", "ppo"}, d
 
 
 def test_pretrained_base_knows_the_language_but_not_the_task(tiny_base, tiny_model):

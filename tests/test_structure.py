@@ -100,6 +100,9 @@ def test_the_ppo_modules_stay_small_and_split_by_role():
     assert all(hasattr(build, n) for n in ("freeze", "linear_head", "fp32_score_head", "read_adapter_head", "adapter_base"))
     assert not any(hasattr(policy_value, n) for n in ("freeze", "linear_head", "read_adapter_head", "adapter_base"))
     assert all(hasattr(guards, n) for n in ("Guard", "KLGuardCallback", "CollapseGuardCallback", "check", "act"))
+    # advantages come from one place (ppo/estimate.py), whatever the estimator; checkpoint hooks from persistence.py
+    loop = (ROOT / "src/hfalign/ppo/trainer.py").read_text()
+    assert "core.gae(" not in loop and "estimate(" in loop and "def _save_checkpoint" not in loop
 
 
 def test_families_table_holds_the_four_families():

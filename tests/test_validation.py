@@ -233,7 +233,7 @@ def pipeline_free_dirs(tiny_model):
     "mutate, needles",
     [
         (lambda r: r.pop("reward"), ["'reward' section is required for stage ppo"]),
-        (lambda r: r["reward"].update(function="hfalign.demo.task:objective"), ["exactly one of 'model' or 'function'"]),
+        (lambda r: r["reward"].update(function="hfalign.demo.task:objective"), ["exactly one of 'model', 'url', 'function' or 'sources', got model, function"]),
         (lambda r: r.update(reward={"function": "no_such_pkg.mod:fn"}), ["'reward.function'", "cannot import module"]),
         (lambda r: r.update(reward={"function": "hfalign.demo.task:nope"}), ["has no function 'nope'"]),
         (lambda r: r.update(reward={"function": "not a spec"}), ["expected 'package.module:function'"]),

@@ -32,7 +32,8 @@ import yaml
 
 from hfalign.errors import UserError
 
-COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data", "convert", "plot", "generate", "export", "eval", "launch")
+COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data", "convert", "plot", "generate", "export", "eval",
+            "launch", "serve-reward")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,11 +88,33 @@ def _parser() -> argparse.ArgumentParser:
                                                 "default: each run's own eval set")
     s.add_argument("--prompts", type=int, default=None, help="ppo: completions to sample (default: the run's num_eval_prompts)")
     s.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
+    s = sub.add_parser("serve-reward", help="serve a reward model over HTTP (reward.url in a PPO recipe)")
+    s.add_argument("model", help="a reward model directory (an rm run's output_dir)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only; 0.0.0.0: every interface")
+    s.add_argument("--tokenizer", default=None, help="the model's tokenizer, when not in its directory")
+    s.add_argument("--batch-size", type=int, default=16, help="completions per forward pass")
+    s.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
     s = sub.add_parser("convert", help="convert a checkpoint to a native transformers architecture")
     s.add_argument("kind", choices=["chatglm"], help="chatglm: ChatGLM2/ChatGLM3 (remote code) -> native GLM")
     s.add_argument("src", help="checkpoint directory or hub id")
     s.add_argument("out", help="output directory (must not hold a model)")
     return p
+
+
+def serve_reward(args) -> int:
+    from hfalign import rewards
+    from hfalign.errors import UserError
+
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise UserError(f"{args.model} is not a model directory (no config.json).",
+                        fix="give a reward model directory, e.g. outputs/rm after make rm")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    scorer = rewards.ModelScorer.load(args.model, args.tokenizer, device=device, batch_size=args.batch_size)
+    rewards.serve(scorer, args.host, args.port, name=args.model)
+    return 0
 
 
 def validate(path: str, overrides: list[str], judge: bool = True):
@@ -157,6 +180,8 @@ def _run(argv: list[str]) -> int:
             evaluation.write_json(rows, args.json)
             print(f"wrote {args.json}")
         return 0
+    if args.command == "serve-reward":
+        return serve_reward(args)
     if args.command == "convert":
         from hfalign.convert import convert_chatglm
 
@@ -172,6 +197,11 @@ def _run(argv: list[str]) -> int:
     r = checked.recipe
     if args.command == "validate":
         print(f"ok: {args.recipe} is a valid {r.stage} recipe (output_dir {r.output_dir})")
+        from hfalign import stages
+
+        describe = getattr(stages.get(r.stage), "describe", None)  # a stage may say what the run will do
+        if describe and describe(checked.recipe, checked.rows):
+            print(describe(checked.recipe, checked.rows))
         return 0
     if args.command == "show":
         from hfalign.rundir import resolved

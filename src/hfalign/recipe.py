@@ -162,20 +162,75 @@ class DataSection:
 
 @dataclass
 class RewardSection:
-    """PPO only: where the score of a completion comes from."""
+    """PPO only: where the score of a completion comes from -- one of model, url, function, or several as sources."""
 
-    model: str | None = field(default=None, metadata=doc("Reward model directory: a full model or a LoRA adapter (outputs/rm)."))
+    model: str | None = field(default=None, metadata=doc("Reward model directory: a full model or a LoRA adapter (outputs/rm). One with another tokenizer than the policy's scores the decoded text, re-rendered with its own chat template (docs/rewards.md)."))
+    tokenizer: str | None = field(default=None, metadata=doc("The reward model's tokenizer, when not in its directory (a directory or hub id). Setting it scores text through it even when the vocabularies match."))
+    url: str | None = field(default=None, metadata=doc("Instead of a model: a reward server (hfalign serve-reward), e.g. http://127.0.0.1:8000."))
+    timeout: float = field(default=60.0, metadata=doc("url: seconds to wait for one answer."))
+    retries: int = field(default=3, metadata=doc("url: tries after the first, waiting 1, 2, 4 ... s; then the run stops at a checkpoint."))
     function: str | None = field(
         default=None, metadata=doc("Instead of a model: 'package.module:function(prompts, completions) -> list[float]'.")
     )
+    sources: list[dict] | None = field(default=None, metadata=doc("Instead of one: several sources, each {name, model | url | function, tokenizer, weight: 1.0, normalize: false}; PPO optimises the weighted sum, each logged as reward/<name>."))
 
     def check(self, where: str) -> None:
-        if (self.model is None) == (self.function is None):
-            raise UserError(f"'{where}' needs exactly one of 'model' or 'function'.", fix="set reward.model: outputs/rm or reward.function: pkg.mod:fn")
-        if self.model is not None and not os.path.isdir(self.model):
-            raise UserError(f"'{where}.model' directory {self.model!r} does not exist.", fix="train it first (`make rm`) or fix the path")
-        if self.function is not None:
-            import_function(self.function, f"{where}.function")
+        given = [k for k in ("model", "url", "function", "sources") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise UserError(f"'{where}' needs exactly one of 'model', 'url', 'function' or 'sources', got "
+                            f"{', '.join(given) or 'none'}.", fix="set reward.model: outputs/rm or reward.function: pkg.mod:fn")
+        check_source(vars(self), where)
+        if self.sources is not None:
+            check_sources(self.sources, f"{where}.sources")
+
+
+SOURCE_KEYS = ("name", "model", "url", "function", "tokenizer", "weight", "normalize")
+
+
+def check_source(source: dict, where: str) -> None:
+    """One reward source's model directory, URL or function."""
+    model, url, function = source.get("model"), source.get("url"), source.get("function")
+    if model is not None and not os.path.isdir(model):
+        raise UserError(f"'{where}.model' directory {model!r} does not exist.", fix="train it first (`make rm`) or fix the path")
+    if url is not None and not re.match(r"^https?://[^/\s]+", str(url)):
+        raise UserError(f"'{where}.url' is {url!r}; expected http://host:port.", fix="e.g. url: http://127.0.0.1:8000")
+    if function is not None:
+        import_function(function, f"{where}.function")
+
+
+def check_sources(sources: list[dict], where: str) -> None:
+    if not sources:
+        raise UserError(f"'{where}' is empty.", fix="list at least one source, or use reward.model / reward.function")
+    names = []
+    for i, source in enumerate(sources):
+        at = f"{where}[{i}]"
+        if not isinstance(source, dict):
+            raise UserError(f"'{at}' must be a mapping, got {source!r}.", fix="write {model: DIR, weight: 1.0}")
+        check_keys(source, SOURCE_KEYS, at)
+        kinds = [k for k in ("model", "url", "function") if source.get(k) is not None]
+        if len(kinds) != 1:
+            raise UserError(f"'{at}' needs exactly one of 'model', 'url' or 'function'.", fix="e.g. {model: outputs/rm}")
+        weight = source.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise UserError(f"'{at}.weight' must be a number, got {weight!r}.", fix="e.g. weight: 0.5")
+        if not isinstance(source.get("normalize", False), bool):
+            raise UserError(f"'{at}.normalize' must be true or false.", fix="normalize: true")
+        check_source(source, at)
+        names.append(source_name(source))
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"'{where}' names {twice[0]!r} twice (logged as reward/<name>).", fix="give each source a distinct 'name'")
+
+
+def source_name(source: dict) -> str:
+    """A source's metric name: its `name`, else the function's name, the model directory's last part, or 'remote'."""
+    if source.get("name"):
+        return str(source["name"])
+    if source.get("function"):
+        return source["function"].rpartition(":")[2]
+    if source.get("model"):
+        return os.path.basename(os.path.normpath(source["model"]))
+    return "remote"
 
 
 @dataclass

@@ -26,7 +26,7 @@ PANELS = {
             ("kl", "KL to the reference (nats per response)", ["objective/kl"]),
             ("kl_coef", "KL coefficient (beta)", ["objective/kl_coef"]),
             ("rlhf_reward", "RLHF reward (score - beta * KL)", ["objective/rlhf_reward"]),
-            ("losses", "policy and value loss", ["loss/policy_avg", "loss/value_avg"]),
+            ("losses", "policy, value and KL loss", ["loss/policy_avg", "loss/value_avg", "loss/kl_avg"]),
             ("clipfrac", "clip fraction", ["policy/clipfrac_avg", "val/clipfrac_avg"]),
             ("approxkl", "approx-KL per update", ["policy/approxkl_avg"]),
             ("entropy", "policy entropy (per token)", ["policy/entropy_avg"]),

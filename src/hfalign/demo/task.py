@@ -85,6 +85,11 @@ def positivity_reward(prompts: list[str], completions: list[str]) -> list[float]
     return [objective(c) for c in completions]
 
 
+def format_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """A format rule as a reward source: 1 for a well-formed review, 0 otherwise (recipes/reward/ppo-combined.yaml)."""
+    return [float(well_formed(c)) for c in completions]
+
+
 # --- data files -------------------------------------------------------------------------------------------------
 
 

@@ -65,3 +65,14 @@ def reinforce_pp(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) 
 def remax(scores: torch.Tensor, greedy_scores: torch.Tensor) -> torch.Tensor:
     """score - the greedy response's score to the same prompt: the per-sequence reward ReMax puts on the last token."""
     return scores - greedy_scores
+
+
+def adaptive_lambda(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """VAPO's length-adaptive GAE lambda per response: 1 - 1 / (alpha * length), within [0, 1] (a response of 1 /
+    alpha tokens or fewer gets 0: its advantage is its one-step TD error)."""
+    return (1.0 - 1.0 / (alpha * lengths.float().clamp(min=1))).clamp(0.0, 1.0)
+
+
+def broadcast(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] per-response advantages -> [B, T]: the same value on every real token of the response."""
+    return advantages[:, None] * mask

@@ -1,7 +1,9 @@
 """The one assembler of PolicyAndValue, for both ways in:
 
-    build(recipe, tokenizer)          the recipe stage: full mode (four models) or LoRA shared-base mode (one base)
-    from_trl_args(policy, ref_model, reward_model, value_model, peft_config)   TRL 1.12's PPOTrainer arguments
+    build(recipe, tokenizer, critic)  the recipe stage: full mode (four models) or LoRA shared-base mode (one base)
+    from_trl_args(policy, ref_model, reward_model, value_model, peft_config, critic)   TRL 1.12's PPOTrainer arguments
+
+`critic=False` (a critic-free advantage estimator): no critic model, value adapter or value head is built.
 
 Both end in `assemble()`: the wrapper with dropout off everywhere (pitfall 2) and its trainable set remembered.
 The part helpers (frozen models, fp32 scalar heads, adapter directories) are at the end of this module.
@@ -29,39 +31,40 @@ def assemble(policy, **parts) -> PolicyAndValue:
     return wrapper
 
 
-def build(recipe: Recipe, tokenizer) -> PolicyAndValue:
-    if recipe.reward.model:
-        check_same_tokenizer(recipe.reward.model, tokenizer)
+def build(recipe: Recipe, tokenizer, critic: bool = True) -> PolicyAndValue:
+    if scores_text(recipe, tokenizer):  # the reward model is a scorer of text beside this module (hfalign.rewards)
+        recipe = dataclasses.replace(recipe, reward=dataclasses.replace(recipe.reward, model=None))
     if not recipe.lora.enabled:
-        return _build_full(recipe, tokenizer)
+        return _build_full(recipe, tokenizer, critic)
     models.adapters_beside_token_rows()  # an SFT adapter may train token rows (hfalign.tokens)
-    return _build_shared(recipe, tokenizer)
+    return _build_shared(recipe, tokenizer, critic)
 
 
-def check_same_tokenizer(reward_dir: str, tokenizer) -> None:
-    """The reward model reads the policy's token ids as they are, so it must have been trained with the same
-    tokenizer; a different one (or a smaller vocabulary, which loading would silently resize) is refused."""
+def scores_text(recipe: Recipe, tokenizer) -> bool:
+    """Does reward.model score decoded text through its own tokenizer (another tokenizer than the policy's, or
+    reward.tokenizer set), rather than the policy's token ids inside the PPO model?"""
+    r = recipe.reward
+    return bool(r.model) and (r.tokenizer is not None or not same_tokenizer(r.model, tokenizer))
+
+
+def same_tokenizer(reward_dir: str, tokenizer) -> bool:
+    """The reward model reads the policy's token ids as they are only when it was trained with the same tokenizer
+    (vocabulary and EOS) and its embedding covers it. A directory without tokenizer files (a LoRA adapter saved
+    without them, a bare model) is taken to share the policy's."""
     import json
 
     from transformers import AutoTokenizer
 
-    from hfalign.errors import UserError
-
-    fix = ("train the reward model on the policy's base and tokenizer (make rm from the SFT model), "
-           "or score text with reward.function")
     cfg = os.path.join(reward_dir, "config.json")
     if os.path.isfile(cfg):
         with open(cfg, encoding="utf-8") as f:
             vocab = json.load(f).get("vocab_size")
         if vocab and vocab < len(tokenizer):
-            raise UserError(f"'reward.model' ({reward_dir}) has a vocabulary of {vocab}, smaller than the policy "
-                            f"tokenizer's {len(tokenizer)}.", fix=fix)
+            return False
     if not os.path.isfile(os.path.join(reward_dir, "tokenizer_config.json")):
-        return
+        return True
     theirs = AutoTokenizer.from_pretrained(reward_dir)
-    if theirs.get_vocab() != tokenizer.get_vocab() or theirs.eos_token_id != tokenizer.eos_token_id:
-        raise UserError(f"'reward.model' ({reward_dir}) was trained with another tokenizer than the policy's "
-                        f"({len(theirs)} vs {len(tokenizer)} tokens).", fix=fix)
+    return theirs.get_vocab() == tokenizer.get_vocab() and theirs.eos_token_id == tokenizer.eos_token_id
 
 
 def _trainable_critic(model):
@@ -82,7 +85,7 @@ def _seq_classifier(recipe: Recipe, tokenizer, path: str):
     return models.apply_adapter(model, path, trainable=False)
 
 
-def _build_full(recipe: Recipe, tokenizer) -> PolicyAndValue:
+def _build_full(recipe: Recipe, tokenizer, with_critic: bool = True) -> PolicyAndValue:
     m, q = recipe.model, recipe.quantization
     policy = models.load_causal_lm(m, q, tokenizer)
     ref = models.load_causal_lm(m, q, tokenizer)
@@ -92,6 +95,8 @@ def _build_full(recipe: Recipe, tokenizer) -> PolicyAndValue:
     reward = freeze(_seq_classifier(recipe, tokenizer, recipe.reward.model)) if recipe.reward.model else None
     if reward is not None:
         fp32_score_head(reward)
+    if not with_critic:
+        return assemble(policy, ref=freeze(ref), reward=reward)
     critic_from = (recipe.value.model if recipe.value and recipe.value.model else None) or recipe.reward.model
     if critic_from:
         critic = _seq_classifier(recipe, tokenizer, critic_from)
@@ -100,7 +105,7 @@ def _build_full(recipe: Recipe, tokenizer) -> PolicyAndValue:
     return assemble(policy, critic=_trainable_critic(critic), ref=freeze(ref), reward=reward)
 
 
-def _build_shared(recipe: Recipe, tokenizer) -> PolicyAndValue:
+def _build_shared(recipe: Recipe, tokenizer, with_critic: bool = True) -> PolicyAndValue:
     from peft import PeftModel, get_peft_model
 
     m, q = recipe.model, recipe.quantization
@@ -135,7 +140,9 @@ def _build_shared(recipe: Recipe, tokenizer) -> PolicyAndValue:
         fp32_score_head(reward_model)
 
     value = recipe.value or ValueSection()
-    if value.model or not value.shared_base:  # a critic of its own, outside the shared base
+    if not with_critic:
+        value_head = critic_model = None
+    elif value.model or not value.shared_base:  # a critic of its own, outside the shared base
         critic = _seq_classifier(recipe, tokenizer, value.model or recipe.reward.model or m.name_or_path)
         value_head, critic_model = None, _trainable_critic(critic)
     else:
@@ -153,10 +160,16 @@ def _build_shared(recipe: Recipe, tokenizer) -> PolicyAndValue:
                     stacks=stacks)
 
 
-def from_trl_args(policy, ref_model, reward_model, value_model, peft_config) -> PolicyAndValue:
+def from_trl_args(policy, ref_model, reward_model, value_model, peft_config, critic: bool = True) -> PolicyAndValue:
     """TRL-style arguments -> PolicyAndValue. With peft_config the reference is the base with the adapter off, and
     without a value_model the critic is a second adapter plus a fresh fp32 head on the same base. The heads of the
-    given value and reward models become fp32 (pitfall 11), as on the recipe path."""
+    given value and reward models become fp32 (pitfall 11), as on the recipe path. `critic=False`: no critic (a
+    value_model passed anyway is not used, and said so)."""
+    if not critic and value_model is not None:
+        import warnings
+
+        warnings.warn("value_model is not used: the advantage estimator needs no critic", stacklevel=3)
+        value_model = None
     reward = freeze(reward_model) if reward_model is not None else None
     for model in (value_model, reward):
         if model is not None:
@@ -166,13 +179,13 @@ def from_trl_args(policy, ref_model, reward_model, value_model, peft_config) -> 
 
         policy = get_peft_model(policy, peft_config)
         stacks, value_head = {"policy": ["default"], "ref": None}, None
-        if value_model is None:
+        if value_model is None and critic:
             policy.add_adapter("value", copy.deepcopy(peft_config))
             stacks["value"] = ["value"]
             value_head = linear_head(policy.config.get_text_config().hidden_size)
             train_policy_and_value_adapters(policy)
         return assemble(policy, critic=value_model, reward=reward, value_head=value_head, stacks=stacks)
-    if value_model is None:
+    if value_model is None and critic:
         raise ValueError("full fine-tuning needs value_model (e.g. the reward model's architecture with num_labels=1)")
     ref = freeze(ref_model if ref_model is not None else copy.deepcopy(policy))
     return assemble(policy, critic=value_model, ref=ref, reward=reward)

@@ -25,8 +25,10 @@ PPO_STATE = "hfalign_ppo_state.json"
 
 
 def batch_shape(plan) -> dict:
-    """What a checkpoint's step count means: processes x prompts per process per update."""
-    return {"processes": plan.world_size, "prompts_per_process": plan.rollout_batch}
+    """What a checkpoint's step count means: processes x prompts per process per update (x responses per prompt,
+    written only when more than one, so checkpoints from before grouped rollouts still match)."""
+    shape = {"processes": plan.world_size, "prompts_per_process": plan.prompts_per_update}
+    return shape | ({"responses_per_prompt": plan.num_generations} if plan.num_generations > 1 else {})
 
 
 def write_state(trainer, guard_states: list[dict]) -> None:
@@ -39,7 +41,12 @@ def write_state(trainer, guard_states: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"kl_coef": trainer.kl_coef, "episode": trainer.episode, "moments": trainer.moments.state(),
                    "lr_scale": trainer.lr_scale, "vetted": sorted(trainer.vetted), "guards": guard_states,
-                   "batch": batch_shape(trainer.plan)}, f)
+                   "batch": batch_shape(trainer.plan), "advantage_estimator": trainer.args.advantage_estimator,
+                   "reward": getattr(trainer.reward_fn, "state", dict)()}, f)  # combined rewards' statistics
+
+
+def exists(trainer, step: int) -> bool:
+    return os.path.isdir(os.path.join(trainer.args.output_dir, f"checkpoint-{step}"))
 
 
 def read_state(checkpoint: str) -> dict:
@@ -47,10 +54,30 @@ def read_state(checkpoint: str) -> dict:
         return json.load(f)
 
 
+def check_fits(trainer, checkpoint: str) -> None:
+    """Before any weight loads: a checkpoint of another batch shape or of an estimator with(out) a critic is refused
+    with what to do (its step count, data position and schedule mean that batch; its weights that model)."""
+    from hfalign.ppo.plan import plan
+
+    saved = read_state(checkpoint)
+    ours = batch_shape(plan(trainer.args, trainer.accelerator.num_processes, len(trainer.prompts)))
+    if saved.get("batch", ours) != ours:
+        raise UserError(f"{checkpoint} was written by a run whose rollout batch was {saved['batch']}; this run's is "
+                        f"{ours}. Its step count, data position and schedule mean that batch only, so it cannot go on "
+                        "with another process count or batch size.",
+                        fix="resume with the processes and batch settings the run started with (total_episodes may "
+                            "grow), or start over with overwrite=true")
+    estimator = saved.get("advantage_estimator", "gae")
+    if (estimator == "gae") != (trainer.args.advantage_estimator == "gae"):
+        raise UserError(f"{checkpoint} was written by a run with advantage_estimator {estimator}; this run's is "
+                        f"{trainer.args.advantage_estimator}, and only one of them has a critic to restore.",
+                        fix=f"resume with advantage_estimator: {estimator}, or start over with overwrite=true")
+
+
 def resume(trainer, checkpoint: str) -> dict:
     """A new process goes on from `checkpoint` (its weights and optimizer already loaded by Trainer's
-    _prepare_for_training): trainer state, callbacks' state, PPO state, RNG. Refuses another batch shape. Returns the
-    saved PPO state (the caller hands the guards theirs)."""
+    _prepare_for_training, after check_fits): trainer state, callbacks' state, PPO state, RNG. Returns the saved PPO
+    state (the caller hands the guards theirs)."""
     from transformers.trainer_callback import TrainerState
 
     trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
@@ -59,19 +86,14 @@ def resume(trainer, checkpoint: str) -> dict:
     trainer.state.is_world_process_zero = trainer.is_world_process_zero()
     trainer._load_callback_state()
     saved = read_state(checkpoint)
-    ours = batch_shape(trainer.plan)
-    if saved.get("batch", ours) != ours:
-        raise UserError(f"{checkpoint} was written by a run whose rollout batch was {saved['batch']}; this run's is "
-                        f"{ours}. Its step count, data position and schedule mean that batch only, so it cannot go on "
-                        "with another process count or batch size.",
-                        fix="resume with the processes and batch settings the run started with (total_episodes may "
-                            "grow), or start over with overwrite=true")
     from hfalign.ppo import core
 
     trainer.kl_coef, trainer.episode = saved["kl_coef"], saved["episode"]
     trainer.moments = core.RunningMoments(**saved["moments"])
     trainer.lr_scale = saved.get("lr_scale", 1.0)  # the scaled rate itself comes back with optimizer and scheduler
     trainer.vetted = set(saved.get("vetted", [0]))
+    if hasattr(trainer.reward_fn, "load_state"):
+        trainer.reward_fn.load_state(saved.get("reward"))
     trainer._load_rng_state(checkpoint)
     return saved
 

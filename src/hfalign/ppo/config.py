@@ -45,8 +45,14 @@ class PPOConfig(TrainingArguments):
     kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon (episodes; Ziegler et al.): beta moves at most 0.2 x rollout batch / horizon per update."})
 
     # Advantages and updates
+    advantage_estimator: Literal["gae", "rloo", "grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline", "remax"] = field(default="gae", metadata={"help": "How a response's advantage is estimated (docs/estimators.md). gae: a learned critic (PPO). Critic-free, no value model built or trained: rloo (leave-one-out mean of the other num_generations responses to the prompt), grpo (group mean and std), dr_grpo (group mean only; pair with loss_aggregation: seq_mean_token_sum_norm), reinforce_pp (token returns with the KL in them, whitened over the batch), reinforce_pp_baseline (group mean subtracted first), remax (the greedy response's score as baseline)."})
+    num_generations: int = field(default=1, metadata={"help": "Responses sampled per prompt in one rollout (a group). The batch sizes count responses: a rollout batch of 32 with 4 holds 8 prompts x 4, and total_episodes counts responses. rloo, grpo, dr_grpo and reinforce_pp_baseline need >= 2."})
+    kl_placement: Literal["in_reward", "in_loss"] = field(default="in_reward", metadata={"help": "Where the KL to the reference acts: in_reward (-kl_coef x per-token KL in the reward; InstructGPT, TRL 1.12) or in_loss (kl_coef x the k3 KL of the policy being trained added to the loss, aggregated like the policy loss; GRPO)."})
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda (actor and critic, unless lam_actor / lam_critic set them apart)."})
+    lam_critic: float | None = field(default=None, metadata={"help": "GAE lambda of the critic's returns (VAPO's decoupled GAE: 1.0, unbiased value targets); null: lam."})
+    lam_actor: float | None = field(default=None, metadata={"help": "GAE lambda of the policy's advantages; null: lam."})
+    lam_actor_alpha: float | None = field(default=None, metadata={"help": "Length-adaptive actor lambda (VAPO): each response's lambda = 1 - 1 / (alpha x its length), so long responses keep their reward signal; VAPO uses 0.05. Overrides lam_actor; null: off."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards before GAE."})
     whiten_advantages: bool = field(default=True, metadata={"help": "Whiten advantages over each batch."})
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
@@ -103,6 +109,10 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"cliprange_low must be in [0, 1), got {self.cliprange_low}")
         if self.cliprange_high is not None and self.cliprange_high < 0:
             raise ValueError(f"cliprange_high must be >= 0, got {self.cliprange_high}")
+        from hfalign.ppo.plan import estimator_problem
+
+        if estimator_problem(self):
+            raise ValueError(estimator_problem(self))
         super().__post_init__()
 
     @property

@@ -62,19 +62,21 @@ class HFGenerator:
         self.args, self.tokenizer, self.stop_ids = args, tokenizer, stop_ids
         self._told = False
 
-    def generation_config(self, temperature: float | None = None) -> GenerationConfig:
-        a = self.args
+    def generation_config(self, temperature: float | None = None, greedy: bool = False) -> GenerationConfig:
+        a, ids = self.args, {"eos_token_id": self.stop_ids, "pad_token_id": self.tokenizer.pad_token_id,
+                             "bos_token_id": self.tokenizer.bos_token_id}
+        if greedy:  # argmax decoding (ReMax's baseline)
+            return GenerationConfig(max_new_tokens=a.response_length, do_sample=False, **ids)
         return GenerationConfig(max_new_tokens=a.response_length, do_sample=True, temperature=temperature or a.temperature,
-                                top_k=a.top_k, top_p=a.top_p, eos_token_id=self.stop_ids,
-                                pad_token_id=self.tokenizer.pad_token_id, bos_token_id=self.tokenizer.bos_token_id)
+                                top_k=a.top_k, top_p=a.top_p, **ids)
 
     @torch.no_grad()
     def __call__(self, model_wrapped, accelerator, queries: torch.Tensor, qmask: torch.Tensor, role: str,
-                 temperature: float | None = None) -> torch.Tensor:
+                 temperature: float | None = None, greedy: bool = False) -> torch.Tensor:
         """Responses [B, T] for left-padded `queries`, from `role` ('policy' or 'ref') of the wrapped PolicyAndValue;
         T is the longest response, shorter ones padded with the pad token. `temperature`: other than the training one
-        (generate_completions' near-greedy display)."""
-        config, chunk = self.generation_config(temperature), self.args.local_rollout_forward_batch_size
+        (generate_completions' near-greedy display); `greedy`: argmax decoding."""
+        config, chunk = self.generation_config(temperature, greedy), self.args.local_rollout_forward_batch_size
         outs = []
         with _generating(model_wrapped, accelerator, role, self.args.ds3_gather_for_generation) as (model, synced):
             self._tell_once(model)

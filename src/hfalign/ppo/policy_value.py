@@ -40,7 +40,8 @@ def head_from(model: nn.Module) -> nn.Module:
 
 
 class PolicyAndValue(nn.Module):
-    """forward(mode=...): 'train' -> (logits, values); 'ref' -> logits; 'reward' -> per-token scores.
+    """forward(mode=...): 'train' -> (logits, values; None without a critic); 'ref' -> logits; 'reward' -> per-token
+    scores. Without a critic (a critic-free advantage estimator) there is no critic model, value adapter or head.
 
     Per-token values and scores come from a head applied to every hidden state, in fp32 (pitfall 11). Logits are
     returned for the last `logits_to_keep` positions only when asked (pitfall 18: prompt positions are never used)."""
@@ -59,6 +60,10 @@ class PolicyAndValue(nn.Module):
     def policy_is_adapter(self) -> bool:
         """Does the policy train a PEFT adapter (LoRA, QLoRA) rather than its full weights?"""
         return hasattr(self.policy, "peft_config")
+
+    @property
+    def has_critic(self) -> bool:
+        return self.critic is not None or "value" in self.stacks
 
     @property
     def value_model(self):
@@ -194,7 +199,7 @@ class PolicyAndValue(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, mode: str = "train", logits_to_keep: int | None = None):
         if mode == "train":
             logits = self._logits(self.policy, "policy", input_ids, attention_mask, position_ids, logits_to_keep)
-            return logits, self.values(input_ids, attention_mask, position_ids)
+            return logits, self.values(input_ids, attention_mask, position_ids) if self.has_critic else None
         if mode == "ref":
             model = self.ref if self.ref is not None else self.policy
             return self._logits(model, "ref", input_ids, attention_mask, position_ids, logits_to_keep)

@@ -20,9 +20,9 @@ class Rollout:
     mask: torch.Tensor  # [B, T] 1 on real response tokens (through EOS, or to the end when truncated)
     last: torch.Tensor  # [B] index of the last real response token: where the score lands (pitfall 4)
     has_eos: torch.Tensor  # [B] bool: the response ended with EOS (else truncated)
-    logprobs: torch.Tensor  # [B, T] log pi_old(token) of the sampling policy
-    ref_logprobs: torch.Tensor  # [B, T] log pi_ref(token)
-    values: torch.Tensor  # [B, T] critic values, fp32
+    logprobs: torch.Tensor | None  # [B, T] log pi_old(token) of the sampling policy (None: a greedy baseline)
+    ref_logprobs: torch.Tensor | None  # [B, T] log pi_ref(token)
+    values: torch.Tensor | None  # [B, T] critic values, fp32 (None: no critic)
     scores: torch.Tensor  # [B] raw reward scores, fp32 (before penalties, normalisation, clipping)
     timing: dict[str, float] = field(default_factory=dict)  # seconds per phase: timing/generate, timing/score
 
@@ -74,3 +74,52 @@ def encode_all(tokenizer, dataset, name: str, limit: int | None, say: bool) -> l
         print(f"hfalign: {cut} of {len(ids)} {name} prompts are longer than max_prompt_length {limit} tokens; "
               "their beginning is cut off", flush=True)
     return [x[-limit:] for x in ids] if limit else ids
+
+
+def call_reward_fn(fn, prompts: list[str], texts: list[str], device) -> torch.Tensor:
+    """A reward function's scores as a float32 tensor on `device` (where every rollout tensor lives), or a clear
+    error when it does not return one number per completion."""
+    from hfalign.errors import UserError
+
+    name = getattr(fn, "__qualname__", repr(fn))
+    out = fn(prompts, texts)
+    try:
+        scores = torch.tensor([float(x) for x in out], dtype=torch.float32, device=device)
+    except (TypeError, ValueError):
+        raise UserError(f"reward function {name} must return a list of numbers, got {type(out).__name__}.",
+                        fix="return one float per completion") from None
+    if len(scores) != len(texts):
+        raise UserError(f"reward function {name} returned {len(scores)} scores for {len(texts)} completions.",
+                        fix="return one float per completion, in order")
+    return scores
+
+
+def samples_of(r: Rollout, tokenizer) -> dict:
+    """A rollout as the sample table reads it: prompts, completions, raw scores (read at the response's last token:
+    the stop token where it has one) and the token each ended with (None: cut at the length)."""
+    ends = r.responses.gather(1, r.last[:, None])[:, 0].tolist()
+    return {"prompt": tokenizer.batch_decode(r.queries, skip_special_tokens=True),
+            "completion": tokenizer.batch_decode(r.responses, skip_special_tokens=True),
+            "score": r.scores.tolist(),
+            "ended_with": [tokenizer.convert_ids_to_tokens(t) if eos else None for t, eos in zip(ends, r.has_eos.tolist())]}
+
+
+def originals(dataset, encoded: list[list[int]]) -> dict[tuple, object]:
+    """Encoded prompt ids -> the prompt as the dataset held it (text, or a conversation's messages), for scorers that
+    render prompts themselves (hfalign.rewards: a reward model with its own chat template); {} for token-id datasets."""
+    if dataset is None:
+        return {}
+    columns = getattr(dataset, "column_names", None) or list(dataset[0])
+    if "input_ids" in columns or "prompt" not in columns:
+        return {}
+    return {tuple(ids): prompt for ids, prompt in zip(encoded, dataset["prompt"])}
+
+
+def reward_prompts(fn, tokenizer, queries: torch.Tensor, qmask: torch.Tensor, known: dict) -> list:
+    """The prompts a reward function is given: decoded text, or -- for a scorer with `takes_messages` -- each prompt
+    as the dataset held it where known (a conversation stays a list of messages)."""
+    texts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+    if not getattr(fn, "takes_messages", False) or not known:
+        return texts
+    rows = [q[m.bool()].tolist() for q, m in zip(queries.cpu(), qmask.cpu())]
+    return [known.get(tuple(ids), text) for ids, text in zip(rows, texts)]

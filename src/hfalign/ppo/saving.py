@@ -2,6 +2,7 @@
 
     output_dir/                 policy: full model (AutoModelForCausalLM) or LoRA adapter (PeftModel) + tokenizer
     output_dir/value/           critic: full scalar-head model, or the value adapter + value_head.safetensors
+                                (absent when a critic-free estimator trained without one)
     checkpoint-N/trainable.safetensors  every trainable tensor, for non-DeepSpeed resume (DeepSpeed's own checkpoint
                                         holds them under DeepSpeed)
 
@@ -49,13 +50,14 @@ def save_parts(wrapper: PolicyAndValue, state_dict: dict, output_dir: str, token
     os.makedirs(output_dir, exist_ok=True)
     policy_sd, value_sd = wrapper.split_state_dict(state_dict)
     value_dir = os.path.join(output_dir, "value")
-    os.makedirs(value_dir, exist_ok=True)
+    if wrapper.has_critic:  # a critic-free estimator's run has none to write
+        os.makedirs(value_dir, exist_ok=True)
     if wrapper.shared:
         from peft.utils import get_peft_model_state_dict
 
         wrapper.policy.save_pretrained(output_dir, state_dict=_contiguous(policy_sd), selected_adapters=["default"])
         wrapper.policy.get_base_model().generation_config.save_pretrained(output_dir)
-        if wrapper.critic is None:
+        if wrapper.critic is None and wrapper.has_critic:
             adapter = get_peft_model_state_dict(wrapper.policy, state_dict=policy_sd, adapter_name="value")
             save_file(_contiguous(adapter), os.path.join(value_dir, "adapter_model.safetensors"))
             wrapper.policy.peft_config["value"].save_pretrained(value_dir)

@@ -1,6 +1,9 @@
 """hfalign's PPOTrainer: a transformers Trainer whose training loop is PPO.
 
-    rollout (generate) -> score -> old/ref logprobs and values -> KL-penalised rewards -> GAE -> minibatch updates
+    rollout (generate k per prompt) -> score -> old/ref logprobs (and values) -> advantages -> minibatch updates
+
+Advantages come from GAE with a learned critic (PPO) or a critic-free estimator (RLOO, GRPO, REINFORCE++, ReMax:
+ppo/estimate.py), the one switch `advantage_estimator`; without a critic no value model exists (build.py).
 
 It calls `Trainer.__init__` and reuses the Trainer's machinery for the rest — accelerator and DeepSpeed setup,
 optimizer and scheduler, callbacks and report_to, logging, checkpoint rotation, `save_model` under DDP and ZeRO-3
@@ -30,19 +33,30 @@ from transformers import Trainer
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import TrainOutput
 
-from hfalign.errors import UserError
 from hfalign.ppo import checkpoint, core, guards, trl_compat
 from hfalign.ppo.build import from_trl_args
 from hfalign.ppo.config import PPOConfig
+from hfalign.ppo.estimate import estimate
 from hfalign.ppo.generation import HFGenerator, stop_token_ids
+from hfalign.ppo.persistence import Persistence
 from hfalign.ppo.plan import plan, plan_problem
 from hfalign.ppo.policy_value import PolicyAndValue
-from hfalign.ppo.rollout import Rollout, encode_all, left_pad, prompt_batches
+from hfalign.ppo.rollout import (
+    Rollout,
+    call_reward_fn,
+    encode_all,
+    left_pad,
+    originals,
+    prompt_batches,
+    reward_prompts,
+    samples_of,
+)
 from hfalign.ppo.step_size import StepSizeControl
 from hfalign.ppo.trl_compat import TRLSurface
+from hfalign.rewards import RewardUnavailable
 
 
-class PPOTrainer(TRLSurface, StepSizeControl, Trainer):
+class PPOTrainer(TRLSurface, StepSizeControl, Persistence, Trainer):
     def __init__(self, args: PPOConfig, processing_class, model, ref_model=None, reward_model=None, train_dataset=None,
                  value_model=None, data_collator=None, eval_dataset=None, optimizers=(None, None), callbacks=None,
                  peft_config=None):
@@ -56,7 +70,9 @@ class PPOTrainer(TRLSurface, StepSizeControl, Trainer):
         trl_compat.check_arguments(args, model, ref_model)
         self.reward_fn = reward_model if callable(reward_model) and not isinstance(reward_model, torch.nn.Module) else None
         if not isinstance(model, PolicyAndValue):
-            model = from_trl_args(model, ref_model, None if self.reward_fn else reward_model, value_model, peft_config)
+            torch.manual_seed(args.seed)  # a peft_config's adapters (and value head) start from the run's seed
+            model = from_trl_args(model, ref_model, None if self.reward_fn else reward_model, value_model, peft_config,
+                                  critic=args.advantage_estimator == "gae")
         if self.reward_fn is None and model.reward is None and model.reward_head is None:
             raise ValueError("PPOTrainer needs a reward: pass reward_model (a model or a function)")
         self.tokenizer = processing_class
@@ -70,6 +86,7 @@ class PPOTrainer(TRLSurface, StepSizeControl, Trainer):
         say, limit = args.process_index == 0, args.max_prompt_length
         self.prompts = encode_all(processing_class, train_dataset, "train", limit, say)
         self.eval_prompts = encode_all(processing_class, eval_dataset, "eval", limit, say) if eval_dataset is not None else []
+        self.originals = originals(train_dataset, self.prompts) | originals(eval_dataset, self.eval_prompts)
         self.kl_coef = args.kl_coef
         self.moments = core.RunningMoments()
         self.episode = 0
@@ -80,12 +97,14 @@ class PPOTrainer(TRLSurface, StepSizeControl, Trainer):
 
     # -- rollout ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, queries: torch.Tensor, qmask: torch.Tensor, role: str = "policy", temperature=None) -> Rollout:
+    def rollout(self, queries: torch.Tensor, qmask: torch.Tensor, role: str = "policy", temperature=None,
+                greedy: bool = False) -> Rollout:
         """Sample responses and compute everything PPO needs about them, at the sampling temperature (`temperature`:
-        sample at another one, for display only: logprobs stay at the training temperature)."""
+        sample at another one, for display only: logprobs stay at the training temperature; `greedy`: argmax
+        decoding, ReMax's baseline, scored only)."""
         a, model, timing = self.args, self.model_wrapped, {}
         t0 = time.perf_counter()
-        responses = self.generator(model, self.accelerator, queries, qmask, role, temperature)
+        responses = self.generator(model, self.accelerator, queries, qmask, role, temperature, greedy)
         timing["timing/generate"] = time.perf_counter() - t0
         mask, last, has_eos = core.response_mask(responses, self.stop_ids)
         responses = torch.where(mask.bool(), responses, self.tokenizer.pad_token_id)
@@ -98,53 +117,46 @@ class PPOTrainer(TRLSurface, StepSizeControl, Trainer):
         logprobs, ref_logprobs, values, token_scores = [], [], [], []
         for i in range(0, len(full), a.local_rollout_forward_batch_size):
             s = slice(i, i + a.local_rollout_forward_batch_size)
-            logits, vals = model(full[s], attn[s], pos[s], mode="train", logits_to_keep=keep)
-            logprobs.append(core.logprobs_from_logits(logits[:, :-1], responses[s], a.temperature))
-            values.append(vals[:, Q - 1:-1])
-            del logits  # one model's logits alive at a time (pitfall 18)
-            ref_logits = model(full[s], attn[s], pos[s], mode="ref", logits_to_keep=keep)
-            ref_logprobs.append(core.logprobs_from_logits(ref_logits[:, :-1], responses[s], a.temperature))
-            del ref_logits
+            if not greedy:  # a greedy baseline is scored only
+                logits, vals = model(full[s], attn[s], pos[s], mode="train", logits_to_keep=keep)
+                logprobs.append(core.logprobs_from_logits(logits[:, :-1], responses[s], a.temperature))
+                values.append(vals[:, Q - 1:-1] if vals is not None else None)
+                del logits  # one model's logits alive at a time (pitfall 18)
+                ref_logits = model(full[s], attn[s], pos[s], mode="ref", logits_to_keep=keep)
+                ref_logprobs.append(core.logprobs_from_logits(ref_logits[:, :-1], responses[s], a.temperature))
+                del ref_logits
             if self.reward_fn is None:
                 token_scores.append(model(full[s], attn[s], pos[s], mode="reward"))
         if self.reward_fn is None:  # the score at the last real token of prompt + response (pitfall 4)
             scores = torch.cat(token_scores)[torch.arange(len(full)), Q + last]
         else:
-            prompts = self.tokenizer.batch_decode(queries, skip_special_tokens=True)
+            prompts = reward_prompts(self.reward_fn, self.tokenizer, queries, qmask, self.originals)
             texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-            scores = self._call_reward_fn(prompts, texts)
+            scores = call_reward_fn(self.reward_fn, prompts, texts, self.accelerator.device)
         timing["timing/score"] = time.perf_counter() - t0
+        if greedy:
+            return Rollout(queries, responses, full, attn, pos, mask, last, has_eos, None, None, None, scores.float())
         return Rollout(queries=queries, responses=responses, full=full, attn=attn, pos=pos, mask=mask, last=last,
                        has_eos=has_eos, logprobs=torch.cat(logprobs) * mask, ref_logprobs=torch.cat(ref_logprobs) * mask,
-                       values=torch.cat(values) * mask, scores=scores.float(), timing=timing)
+                       values=torch.cat(values) * mask if values[0] is not None else None, scores=scores.float(),
+                       timing=timing)
 
-    def _call_reward_fn(self, prompts: list[str], texts: list[str]) -> torch.Tensor:
-        name = getattr(self.reward_fn, "__qualname__", repr(self.reward_fn))
-        out = self.reward_fn(prompts, texts)
-        try:  # every rollout tensor lives on the accelerator's device, the function's scores too
-            scores = torch.tensor([float(x) for x in out], dtype=torch.float32, device=self.accelerator.device)
-        except (TypeError, ValueError):
-            raise UserError(f"reward function {name} must return a list of numbers, got {type(out).__name__}.",
-                            fix="return one float per completion") from None
-        if len(scores) != len(texts):
-            raise UserError(f"reward function {name} returned {len(scores)} scores for {len(texts)} completions.",
-                            fix="return one float per completion, in order")
-        return scores
-
-    def shape_scores(self, scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
-        """Missing-EOS penalty (on the response only: trl#6802), normalisation, clipping."""
+    def shape_scores(self, scores: torch.Tensor, has_eos: torch.Tensor, update_moments: bool = True) -> torch.Tensor:
+        """Missing-EOS penalty (on the response only: trl#6802), normalisation, clipping. `update_moments`: False
+        for a baseline's scores (ReMax's greedy ones), normalised by the sampled responses' statistics."""
         a = self.args
         if a.missing_eos_penalty is not None:
             scores = scores - a.missing_eos_penalty * (~has_eos).float()
         if a.normalize_scores:
-            self.moments.update(self.accelerator.gather(scores.to(self.accelerator.device)).cpu())
+            if update_moments:
+                self.moments.update(self.accelerator.gather(scores.to(self.accelerator.device)).cpu())
             scores = (scores - self.moments.mean) / self.moments.std
         if a.score_clip is not None:
             scores = scores.clamp(-a.score_clip, a.score_clip)
         return scores
 
     # -- update ----------------------------------------------------------------------------------------------------
-    def ppo_update(self, r: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> tuple[dict, int]:
+    def ppo_update(self, r: Rollout, advantages: torch.Tensor, returns: torch.Tensor | None) -> tuple[dict, int]:
         """num_ppo_epochs x num_mini_batches optimizer steps, each over gradient_accumulation_steps micro-batches.
         Returns (mean stats, optimizer steps taken), counted explicitly (TRL 1.12 miscounted: PPO_NOTES #12).
 
@@ -205,24 +217,32 @@ class PPOTrainer(TRLSurface, StepSizeControl, Trainer):
     def _warming_up(self) -> bool:
         return self.state.global_step < self.args.value_warmup_updates
 
-    def _micro_step(self, model, r: Rollout, idx: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
-        """Forward and backward of one micro-batch; the loss is divided by the accumulation steps. Stats stay on the
-        device (detached): the update syncs once, at its end."""
+    def _micro_step(self, model, r: Rollout, idx: torch.Tensor, advantages: torch.Tensor, returns) -> dict:
+        """Forward and backward of one micro-batch; the loss is divided by the accumulation steps (value loss: with a
+        critic; KL: with kl_placement in_loss). Stats stay on the device (detached): the update syncs once, at its
+        end."""
         a, Q, mask = self.args, r.prompt_width, r.mask[idx]
         assert idx.device == r.full.device, "a host-side index would sync the device at every micro-step"
         logits, vpred = model(r.full[idx], r.attn[idx], r.pos[idx], mode="train", logits_to_keep=r.mask.shape[1] + 1)
         logits = logits[:, :-1]
         new_logprobs, token_entropy = core.logprobs_and_entropy(logits, r.responses[idx], a.temperature)
         pg_loss, pg = core.policy_loss(new_logprobs, r.logprobs[idx], advantages[idx], mask, **a.loss_options)
-        vf_loss, vf_clipfrac = core.value_loss(vpred[:, Q - 1:-1], r.values[idx], returns[idx], mask, a.cliprange_value)
-        warming_up = self._warming_up()  # the policy's zero gradients are dropped before the step (ppo_update)
-        loss = (0.0 if warming_up else 1.0) * pg_loss + a.vf_coef * vf_loss
+        warming_up, stats = self._warming_up(), {}  # the policy's zero gradients are dropped before the step (ppo_update)
+        loss = (0.0 if warming_up else 1.0) * pg_loss
+        if returns is not None:
+            vf_loss, vf_clipfrac = core.value_loss(vpred[:, Q - 1:-1], r.values[idx], returns[idx], mask, a.cliprange_value)
+            loss = loss + a.vf_coef * vf_loss
+            stats |= {"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_clipfrac}
+        if a.kl_placement == "in_loss":  # GRPO: k3 KL of the policy being trained to the reference, in the loss
+            kl_term = core.aggregate(core.kl_penalty(new_logprobs, r.ref_logprobs[idx], "k3"), mask, a.loss_aggregation,
+                                     a.response_length)
+            loss = loss + self.kl_coef * kl_term
+            stats["loss/kl_avg"] = kl_term
         if a.entropy_coef and not warming_up:  # only then is entropy in the graph (its full-vocabulary temporaries)
             entropy = core.masked_mean(core.entropy_from_logits(logits, a.temperature), mask)
             loss = loss - a.entropy_coef * entropy
         else:
             entropy = core.masked_mean(token_entropy, mask)
-        stats = {}
         if self.vocab_kl_coef and not warming_up:  # the whole distribution, not only the sampled token, kept near ref
             with torch.no_grad():
                 ref_logits = model(r.full[idx], r.attn[idx], r.pos[idx], mode="ref", logits_to_keep=r.mask.shape[1] + 1)
@@ -235,8 +255,7 @@ class PPOTrainer(TRLSurface, StepSizeControl, Trainer):
         kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}  # we scale; DeepSpeed must not again
         self.accelerator.backward(loss / a.gradient_accumulation_steps, **kwargs)
         stats |= {"policy/approxkl_avg": pg["approxkl"], "policy/clipfrac_avg": pg["clipfrac"], "loss/policy_avg": pg_loss,
-                 "loss/value_avg": vf_loss, "val/clipfrac_avg": vf_clipfrac, "policy/entropy_avg": entropy,
-                 "val/ratio": pg["ratio"], "val/ratio_var": pg["ratio_var"]}
+                  "policy/entropy_avg": entropy, "val/ratio": pg["ratio"], "val/ratio_var": pg["ratio_var"]}
         return {k: v.detach().float() for k, v in stats.items()}
 
     def _mean(self, value) -> float:
@@ -277,18 +296,23 @@ class PPOTrainer(TRLSurface, StepSizeControl, Trainer):
             print("hfalign ppo plan: " + ", ".join(f"{k}={v}" for k, v in vars(p).items()), flush=True)
             self._say_step_control()
         self.control = self.callback_handler.on_train_begin(a, self.state, self.control)
-        batches = prompt_batches(len(self.prompts), p.rollout_batch, acc.process_index, acc.num_processes, a.seed)
+        batches = prompt_batches(len(self.prompts), p.prompts_per_update, acc.process_index, acc.num_processes, a.seed)
         for _ in range(self.state.global_step):  # a resumed run continues with the prompts it had not seen
             next(batches)
         start, start_episode, history = time.perf_counter(), self.episode, defaultdict(list)
         while self.state.global_step < p.num_updates:
             self.control = self.callback_handler.on_step_begin(a, self.state, self.control)
-            metrics = self._one_update(next(batches))
+            try:
+                metrics = self._one_update(next(batches))
+            except RewardUnavailable:  # a reward server down: stop at a checkpoint of the updates done, to resume
+                if self.state.global_step and not checkpoint.exists(self, self.state.global_step):
+                    self._save_checkpoint(self.model, trial=None)
+                raise
             for k, v in metrics.items():
                 history[k].append(v)
             self.state.global_step += 1
             self.state.episode = self.episode  # TRL 1.12's OnlineTrainerState field
-            self.state.epoch = self.episode / max(1, len(self.prompts))
+            self.state.epoch = self.episode / a.num_generations / max(1, len(self.prompts))  # passes over the prompts
             eps = (self.episode - start_episode) / (time.perf_counter() - start)  # this process's run, not a resumed one's
             metrics.update({"eps": eps, "episode": self.episode,
                             "lr": self.lr_scheduler.get_last_lr()[0], "train/lr_scale": self.lr_scale})
@@ -311,30 +335,34 @@ class PPOTrainer(TRLSurface, StepSizeControl, Trainer):
     def _one_update(self, indices: list[int]) -> dict:
         a, acc = self.args, self.accelerator
         queries, qmask = left_pad([self.prompts[i] for i in indices], self.tokenizer.pad_token_id)
-        r = self.rollout(queries.to(acc.device), qmask.to(acc.device))
+        queries, qmask = queries.to(acc.device), qmask.to(acc.device)
+        k = a.num_generations  # a group: k rows in a row answer one prompt
+        r = self.rollout(queries.repeat_interleave(k, 0), qmask.repeat_interleave(k, 0))
+        by_source = dict(getattr(self.reward_fn, "metrics", None) or {})  # reward/<name> of combined rewards
         scores = self.shape_scores(r.scores, r.has_eos)
+        greedy = None
+        if a.advantage_estimator == "remax":  # the baseline: the greedy response's score, one per prompt
+            g = self.rollout(queries, qmask, greedy=True)
+            greedy = self.shape_scores(g.scores, g.has_eos, update_moments=False).repeat_interleave(k)
         kl = core.kl_penalty(r.logprobs, r.ref_logprobs, a.kl_estimator) * r.mask
-        rewards, non_score = core.token_rewards(scores, kl, self.kl_coef, r.last, r.mask)
-        if a.whiten_rewards:
-            rewards = core.masked_whiten(rewards, r.mask, shift_mean=False)
-        advantages, returns = core.gae(rewards, r.values, r.mask, a.gamma, a.lam)
-        if a.whiten_advantages:
-            advantages = core.masked_whiten(advantages, r.mask)
+        e = estimate(a, r, scores, kl, self.kl_coef, greedy)
         t0 = time.perf_counter()
-        stats, steps = self.ppo_update(r, advantages, returns)
+        stats, steps = self.ppo_update(r, e.advantages, e.returns)
+        value_stats = {} if e.returns is None else {"val/explained_variance": core.explained_variance(r.values, e.returns, r.mask)}
         metrics = {  # 0-d tensors on the device until _means: one sync for the whole update
             "objective/kl": kl.sum(1).mean(), "objective/kl_coef": self.kl_coef,
             "objective/entropy": (-r.logprobs).sum(1).mean(),
-            "objective/non_score_reward": non_score.sum(1).mean(),
-            "objective/rlhf_reward": (scores + non_score.sum(1)).mean(),
+            "objective/non_score_reward": e.non_score.sum(1).mean(),
+            "objective/rlhf_reward": (scores + e.non_score.sum(1)).mean(),
             "objective/scores": r.scores.mean(),
             **stats,
             "val/num_eos_tokens": r.has_eos.float().sum(),
             "val/truncated_frac": (~r.has_eos).float().mean(),
             "val/response_length": r.mask.sum(1).float().mean(),
             "val/repetition": core.repetition(r.responses, r.mask).mean(),  # share of repeated bigrams
-            "val/explained_variance": core.explained_variance(r.values, returns, r.mask),
+            **value_stats,
             "train/optimizer_steps": steps,
+            **by_source,
             **r.timing,
         }
         metrics = self._means(metrics)
@@ -344,57 +372,8 @@ class PPOTrainer(TRLSurface, StepSizeControl, Trainer):
         if a.adaptive_kl:
             self.kl_coef = core.adaptive_kl_coef(self.kl_coef, metrics["objective/kl"], a.target_kl, a.kl_horizon,
                                                  self.plan.global_rollout_batch)
-        self._notify_rollout(r, r.scores)  # the sample table shows what the reward model or function said
-        return metrics
-
-    def _notify_rollout(self, r: Rollout, scores: torch.Tensor) -> None:
-        """Callbacks with an `on_rollout` method (the sample table) see this update's prompts, completions, scores."""
-        listeners = [cb for cb in self.callback_handler.callbacks if hasattr(cb, "on_rollout")]
-        if not listeners:
-            return
-        ends = r.responses.gather(1, r.last[:, None])[:, 0].tolist()
-        samples = {"prompt": self.tokenizer.batch_decode(r.queries, skip_special_tokens=True),
-                   "completion": self.tokenizer.batch_decode(r.responses, skip_special_tokens=True),
-                   "score": scores.tolist(),  # read at the response's last token: the stop token where it has one
-                   "ended_with": [self.tokenizer.convert_ids_to_tokens(t) if eos else None  # None: cut at the length
-                                  for t, eos in zip(ends, r.has_eos.tolist())]}
-        for cb in listeners:
-            cb.on_rollout(self.args, self.state, self.control, samples=samples,
+        # callbacks with an `on_rollout` method (the sample table) see the prompts, completions and raw scores
+        for cb in [cb for cb in self.callback_handler.callbacks if hasattr(cb, "on_rollout")]:
+            cb.on_rollout(a, self.state, self.control, samples=samples_of(r, self.tokenizer),
                           callbacks=self.callback_handler.callbacks)  # the trackers, for tables
-
-    # -- checkpoints and saving (ppo/checkpoint.py) ------------------------------------------------------------------
-    def _save_checkpoint(self, model, trial) -> None:
-        """PPO's own state first: Trainer writes trainer_state.json last, and that file is what marks a checkpoint
-        complete (rundir.complete_checkpoint), so a kill at any moment leaves a checkpoint whole or ignored."""
-        checkpoint.write_state(self, guards.state(self))
-        # rotation (save_total_limit) keeps the newest checkpoint and Trainer's "best" one: for PPO, the newest vetted
-        self.state.best_model_checkpoint = guards.newest_vetted(self)
-        super()._save_checkpoint(model, trial)
-
-    def _save_rng_state(self, output_dir: str) -> None:
-        """Every rank's rng_state_N.pth is on disk before rank 0 writes trainer_state.json, the file that marks the
-        checkpoint complete (rundir.complete_checkpoint also asks for every rank's file)."""
-        super()._save_rng_state(output_dir)
-        self.accelerator.wait_for_everyone()
-
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """Trainer.train; `resume_from_checkpoint=True` means the newest *complete* checkpoint (transformers' own
-        choice is the highest-numbered one, torn or not)."""
-        if resume_from_checkpoint is True:
-            from pathlib import Path
-
-            from hfalign.rundir import last_checkpoint
-
-            resume_from_checkpoint = last_checkpoint(Path(self.args.output_dir))
-            if resume_from_checkpoint is None:
-                raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from")
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """Non-DeepSpeed resume: the trainable weights (policy and value) of the wrapper."""
-        checkpoint.load_trainable(self.model, resume_from_checkpoint)
-
-    def save_model(self, output_dir=None, _internal_call=False):
-        """The result (policy + value as HF files); for a checkpoint (`_internal_call`) the trainable weights."""
-        checkpoint.save_model(self, output_dir, checkpoint=_internal_call)
+        return metrics

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from hfalign import models, trainargs
+from hfalign import models, rewards, trainargs
 from hfalign.errors import UserError
 from hfalign.recipe import Recipe, import_function
 
@@ -26,8 +26,9 @@ def config_class() -> type:
 
 
 def check(recipe: Recipe, rows: dict) -> None:
-    """A reward source; a LoRA reward adapter on this base; batch arithmetic against the prompts and processes."""
-    from hfalign.ppo.plan import plan, plan_problem
+    """A reward source; a LoRA reward adapter on this base; the estimator's settings; batch arithmetic against the
+    prompts and processes."""
+    from hfalign.ppo.plan import estimator_problem, plan, plan_problem
 
     if recipe.reward is None:
         raise UserError("'reward' section is required for stage ppo.", fix="add reward: {model: outputs/rm}")
@@ -38,13 +39,51 @@ def check(recipe: Recipe, rows: dict) -> None:
         raise UserError("a critic of its own under quantization would be a 4/8-bit model whose weights cannot train.",
                         fix="keep value.shared_base: true (the critic is a LoRA adapter on the shared quantized base), "
                             "or drop quantization")
+    settings = trainargs.settings(recipe, config_class)
+    if estimator_problem(settings):
+        raise UserError(f"train: {estimator_problem(settings)}.", fix="see docs/estimators.md")
+    note_unused_critic(recipe, settings)
     if rows["train"] is None:
         return  # a hub set: counted when loaded
     world, n = int(os.environ.get("WORLD_SIZE", "1")), len(rows["train"])
-    problem = plan_problem(plan(trainargs.settings(recipe, config_class), world, n), n)
+    problem = plan_problem(plan(settings, world, n), n)
     if problem:
         raise UserError(f"PPO batch does not fit the data: {problem}.",
                         fix="lower train.per_device_train_batch_size or train.num_mini_batches, or add prompts")
+
+
+def describe(recipe: Recipe, rows: dict) -> str | None:
+    """What `hfalign validate` adds: the batch plan in prompts and responses, and the estimator."""
+    from hfalign.ppo.plan import plan
+
+    if rows["train"] is None:
+        return None
+    s = trainargs.settings(recipe, config_class)
+    p = plan(s, int(os.environ.get("WORLD_SIZE", "1")), len(rows["train"]))
+    batch = f"{p.prompts_per_update} prompts x {p.num_generations} responses" if p.num_generations > 1 else \
+        f"{p.rollout_batch} prompts, one response each"
+    critic = "a learned critic" if s.advantage_estimator == "gae" else "no critic"
+    return (f"plan: {p.num_updates} updates of {batch} per process, on {p.world_size} process(es): "
+            f"{p.total_episodes} episodes (responses), {p.optimizer_steps_per_update} optimizer steps per update; "
+            f"advantage_estimator {s.advantage_estimator} ({critic})")
+
+
+CRITIC_KEYS = ("vf_coef", "cliprange_value", "lam", "lam_critic", "lam_actor", "lam_actor_alpha")
+
+
+def note_unused_critic(recipe: Recipe, settings) -> None:
+    """A critic-free estimator with critic settings that differ from their defaults (or a value: section): said once
+    per check, on stdout, not an error -- a recipe extending a PPO one keeps working."""
+    from hfalign import trainfields
+
+    if settings.advantage_estimator == "gae" or int(os.environ.get("RANK", "0")) != 0:
+        return
+    defaults = {k: d for k, (_, d) in trainfields.spec(recipe.stage, config_class).items()}
+    unused = [f"train.{k}" for k in CRITIC_KEYS if getattr(settings, k) != defaults[k]]
+    unused += ["value"] if recipe.value is not None else []
+    if unused:
+        print(f"hfalign: advantage_estimator {settings.advantage_estimator} trains no critic, so {', '.join(unused)} "
+              "has no effect (remove it, or use advantage_estimator: gae)", flush=True)
 
 
 def trainer(recipe: Recipe, args, tokenizer, train_set, eval_set, callbacks):
@@ -53,8 +92,8 @@ def trainer(recipe: Recipe, args, tokenizer, train_set, eval_set, callbacks):
 
     # Policy, reference, value and reward behind one module (full, or one base with adapters); prompts pad left
     tokenizer.padding_side = "left"
-    model = build(recipe, tokenizer)
-    reward_fn = import_function(recipe.reward.function, "reward.function") if recipe.reward.function else None
+    model = build(recipe, tokenizer, critic=args.advantage_estimator == "gae")
+    reward_fn = rewards.from_recipe(recipe, tokenizer, args.device)  # None: the reward model inside `model`
     return PPOTrainer(args=args, processing_class=tokenizer, model=model, reward_model=reward_fn,
                       train_dataset=train_set, eval_dataset=eval_set, callbacks=callbacks)
 
