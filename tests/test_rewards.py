@@ -33,8 +33,8 @@ def qwen_rm(tmp_path_factory) -> object:
 
 
 def test_a_foreign_rm_scores_text_as_the_rm_itself_does(qwen_rm, pipeline, tmp_path):
-    """Batched, padded scoring through the RM's own tokenizer and chat template equals the RM on each text alone
-    (1e-5); inside a PPO rollout of the LLaMA policy, the scores are those of the decoded prompt and response,
+    """Batched, padded scoring through the RM's own tokenizer and chat template (a text prompt + response + the RM's
+    EOS, as TRL's RewardTrainer trained it) equals the RM on each text alone (1e-5); inside a PPO rollout of the LLaMA policy, the scores are those of the decoded prompt and response,
     without the policy's stop token."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -49,7 +49,7 @@ def test_a_foreign_rm_scores_text_as_the_rm_itself_does(qwen_rm, pipeline, tmp_p
     chat = tok.apply_chat_template([*prompts[1], {"role": "assistant", "content": completions[1]}], tokenize=False)
     assert chat.startswith("<|im_start|>user") and "<|im_start|>assistant\n the music" in chat
     with torch.no_grad():
-        alone = [rm(**tok(prompts[0] + completions[0], return_tensors="pt")).logits[0, 0].item(),
+        alone = [rm(**tok(prompts[0] + completions[0] + tok.eos_token, return_tensors="pt")).logits[0, 0].item(),
                  rm(**tok(chat, add_special_tokens=False, return_tensors="pt")).logits[0, 0].item()]
     assert scorer(prompts, completions) == pytest.approx(alone, abs=1e-5)
 
@@ -85,6 +85,24 @@ def test_ppo_learns_against_a_reward_model_with_its_own_tokenizer(qwen_rm, pipel
     critic = load_file(str(out / "value" / "model.safetensors"))  # from the policy: the RM's vocabulary is another
     assert critic["model.embed_tokens.weight"].shape == load_file(str(pipeline["sft"] / "model.safetensors"))[
         "model.embed_tokens.weight"].shape
+
+
+def test_a_foreign_rm_on_the_lora_shared_base(qwen_rm, lora_pipeline, tmp_path):
+    """LoRA shared base: the RM with its own tokenizer stays outside the base (no reward adapter or head is loaded,
+    the critic is a fresh value adapter), and every logged score is its score of the decoded text."""
+    out = tmp_path / "lora"
+    code, _, err = train_shipped("reward/ppo-qwen2-rm.yaml", f"output_dir={out}",
+                                 f"model.name_or_path={lora_pipeline['base']}", f"model.adapter={lora_pipeline['sft']}",
+                                 f"reward.model={qwen_rm}", "lora.enabled=true", "lora.r=8", "train.total_episodes=64",
+                                 "train.num_eval_prompts=8", f"data.train={ROOT / 'data/ppo_prompts.jsonl'}",
+                                 f"data.eval={ROOT / 'data/ppo_eval_prompts.jsonl'}",
+                                 "callbacks=[metrics, {name: sample_table, every: 1, rows: 8}]")
+    assert code == 0, err[-3000:]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "value" / "value_head.safetensors").is_file()
+    rows = read_jsonl(out / "samples.jsonl")
+    scorer = ModelScorer.load(str(qwen_rm))
+    assert rows and [r["score"] for r in rows] == pytest.approx(
+        scorer([r["prompt"] for r in rows], [r["completion"] for r in rows]), abs=1e-4)
 
 
 # -- the reward server ---------------------------------------------------------------------------------------------

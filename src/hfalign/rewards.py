@@ -68,11 +68,14 @@ class ModelScorer:
 
     def render(self, prompt, completion: str) -> tuple[str, bool]:
         """(text, whether it already holds the template's special tokens): a conversation through the RM's chat
-        template with the completion as the assistant's turn; a text prompt (or no template) as prompt + completion."""
+        template with the completion as the assistant's turn (the template ends the turn); a text prompt (or no
+        template) as prompt + completion + the RM's EOS token -- what TRL's RewardTrainer appends to every
+        non-conversational example, so the RM is read where it was trained to be."""
         if not isinstance(prompt, str) and getattr(self.tokenizer, "chat_template", None):
             chat = [*prompt, {"role": "assistant", "content": completion}]
             return self.tokenizer.apply_chat_template(chat, tokenize=False), True
-        return _as_text(prompt) + completion, False
+        text, eos = _as_text(prompt) + completion, self.tokenizer.eos_token
+        return (text + eos if eos and not text.endswith(eos) else text), False
 
     def encode(self, prompts: list, completions: list[str]) -> list[list[int]]:
         out = []
