@@ -63,3 +63,13 @@ def test_getting_started_commands_are_real_make_targets():
     for command in everywhere:
         proc = subprocess.run(["make", "-n", *command[1:]], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, (command, proc.stderr)
+
+
+def test_every_metric_a_run_logs_is_in_the_glossary(ppo_run):
+    """docs/ppo.md's metrics table names every key a PPO run writes to metrics.jsonl (Trainer's own step/epoch aside)."""
+    from helpers import read_jsonl
+
+    logged = set().union(*(row.keys() for row in read_jsonl(ppo_run / "metrics.jsonl", having="objective/kl")))
+    page = (ROOT / "docs" / "ppo.md").read_text()
+    missing = sorted(k for k in logged - {"step", "epoch"} if f"`{k}`" not in page)
+    assert not missing, missing
