@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks, as two calls for the device machine (../shared/GPU.md), run from the repository root there:
+# The GPU checks, as calls for the device machine (../shared/GPU.md), run from the repository root there. Carry .whl
+# from benchmarks/gpu_wheels.sh (../shared/gpu/fetch_wheels.sh plus what transformers 5.25 and pytest need).
 #   bash benchmarks/gpu_check.sh main    carry .whl (../shared/gpu/fetch_wheels.sh) and .trl112
 #                                        (pip install --no-deps --target .trl112 trl==1.12.0); includes the host-sync
 #                                        check of one update (benchmarks/sync_check.py, 1-sync.log)
@@ -12,13 +13,20 @@
 #   bash benchmarks/gpu_check.sh trl     carry .whl and .trl112: TRL 1.12 vs hfalign with TRL's settings on the default
 #                                        pipeline (benchmarks/trl_parity.py), then TRL's ppo.py example (one import
 #                                        changed) on the tiny model, on the GPU
+#   bash benchmarks/gpu_check.sh speed   carry .whl (+ pytest wheels) and .trl112: the static decoder's CUDA-graph
+#                                        test, generation four ways with profiles (gen_speed.py), the 0.7B case hf vs
+#                                        static vs TRL 1.12, the verl-shaped 0.5B Qwen2 case (256 x 256 tokens)
+#   bash benchmarks/gpu_check.sh speed2  carry .whl: a profile of two PPO updates hf vs static, the default pipeline
+#                                        on the GPU (generation: auto = static), ZeRO-3 bf16 and LoRA bf16 with it
 # One log per check under $OUT (at most 8 files come back).
 set -u
 OUT=${OUT:-/tmp/hfalign-gpu}; mkdir -p "$OUT"
 part=${1:-main}
+rm -rf .site  # kept from an earlier call on a warm machine: a --target install would not replace what is there
 python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl
 [ "$part" = qlora ] || [ "$part" = lora ] && python3 -m pip install -q --no-index --no-deps --no-compile --target .site .bnb/*.whl
-export PYTHONPATH=$PWD/.site:$PWD/src DS_ACCELERATOR=cuda HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# USE_HUB_KERNELS=0: transformers 5.25 asks for the `kernels` package on CUDA, which the machine lacks
+export PYTHONPATH=$PWD/.site:$PWD/src DS_ACCELERATOR=cuda HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 USE_HUB_KERNELS=0
 [ -d models/tiny-llama ] || python3 -m hfalign build-tiny models/tiny-llama > "$OUT/0-build.log" 2>&1
 if [ "$part" = main ]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/0-gpu.log" 2>&1
@@ -39,6 +47,30 @@ if [ "$part" = main ]; then
   timeout 120 python3 -m accelerate.commands.launch --config_file accelerate_configs/zero3.yaml --num_processes 1 \
     --mixed_precision bf16 -m hfalign recipes/ppo.yaml output_dir=/tmp/z3 train.total_episodes=128 \
     > "$OUT/5-zero3-bf16.log" 2>&1
+elif [ "$part" = speed ]; then
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+    timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_generation.py -k cuda_graph; echo "== pytest rc=$?"; } > "$OUT/0-env.log" 2>&1
+  timeout 250 python3 benchmarks/ppo_gpu.py --episodes 256 --generation hf static --trl-path .trl112 \
+    > "$OUT/2-ppo-0.7b.log" 2>&1; echo "== rc=$?" >> "$OUT/2-ppo-0.7b.log"
+  timeout 150 python3 benchmarks/ppo_gpu.py --size 0.5b --preset verl --new-tokens 256 --episodes 256 \
+    --generation static hf --trl-path none > "$OUT/3-ppo-0.5b-verl.log" 2>&1; echo "== rc=$?" >> "$OUT/3-ppo-0.5b-verl.log"
+  timeout 90 python3 benchmarks/ppo_gpu.py --episodes 128 --generation hf static --trl-path none \
+    --profile "$OUT/4-update-profile.log" > "$OUT/4-profile-run.log" 2>&1; echo "== rc=$?" >> "$OUT/4-profile-run.log"
+elif [ "$part" = speed2 ]; then
+  timeout 100 python3 benchmarks/gen_speed.py --calls 1 --profile generate-owned static-graphs > "$OUT/1-gen-speed.log" 2>&1
+  echo "== rc=$?" >> "$OUT/1-gen-speed.log"
+  for s in sft rm ppo; do
+    t=$SECONDS; timeout 100 python3 -m hfalign "recipes/$s.yaml" >> "$OUT/5-default.log" 2>&1
+    echo "== $s rc=$? $((SECONDS - t)) s" >> "$OUT/5-default.log"
+  done
+  t=$SECONDS; timeout 80 python3 -m accelerate.commands.launch --config_file accelerate_configs/zero3.yaml --num_processes 1 \
+    --mixed_precision bf16 -m hfalign recipes/ppo.yaml output_dir=/tmp/z3 train.total_episodes=256 > "$OUT/6-zero3-lora.log" 2>&1
+  echo "== zero3 rc=$? $((SECONDS - t)) s" >> "$OUT/6-zero3-lora.log"
+  t=$SECONDS; timeout 80 python3 -m hfalign recipes/ppo.yaml output_dir=/tmp/lora-gc model.name_or_path=models/tiny-llama \
+    model.adapter=null lora.enabled=true model.dtype=bfloat16 train.bf16=true reward.model=null \
+    reward.function=hfalign.demo.task:positivity_reward train.total_episodes=256 >> "$OUT/6-zero3-lora.log" 2>&1
+  echo "== lora rc=$? $((SECONDS - t)) s" >> "$OUT/6-zero3-lora.log"
 elif [ "$part" = trl ]; then
   for s in sft rm; do timeout 120 python3 -m hfalign "recipes/$s.yaml" >> "$OUT/8-pipeline.log" 2>&1; done
   timeout 200 python3 benchmarks/trl_parity.py --trl-path .trl112 --episodes 1280 > "$OUT/8-trl-parity.log" 2>&1

@@ -1,6 +1,7 @@
-"""The seam through which PPO samples. Today: Hugging Face `generate` on the generating role's model only (gathered
-under ZeRO-3); a faster backend (vLLM, SGLang) plugs in here by answering the same call: left-padded prompts in,
-right-padded responses out.
+"""The seam through which PPO samples, on the generating role's model only (gathered under ZeRO-3): Hugging Face
+`generate` (HFGenerator, train.generation: hf) or hfalign's static-cache decoder with CUDA graphs (StaticGenerator,
+ppo/decode.py; the default on CUDA). A faster backend (vLLM, SGLang) plugs in here by answering the same call:
+left-padded prompts in, right-padded responses out.
 
 On-policy sampling (pitfall 16): transformers fills every sampling field left unset from the checkpoint's
 generation_config.json and then from library defaults (top_k=50), while PPO's logprobs describe the plain softmax at
@@ -82,12 +83,13 @@ class HFGenerator:
             self._tell_once(model)
             with _owned_generation_config(model, config):
                 for i in range(0, len(queries), chunk):
-                    seq = model.generate(input_ids=queries[i:i + chunk], attention_mask=qmask[i:i + chunk],
-                                         generation_config=config, synced_gpus=synced)
-                    outs.append(seq[:, queries.shape[1]:])
+                    outs.append(self.sample(model, queries[i:i + chunk], qmask[i:i + chunk], config, synced))
         width = max(o.shape[1] for o in outs)
         pad = self.tokenizer.pad_token_id
         return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad) for o in outs])
+
+    def sample(self, model, ids: torch.Tensor, mask: torch.Tensor, config: GenerationConfig, synced: bool) -> torch.Tensor:
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=synced)[:, ids.shape[1]:]
 
     def _tell_once(self, model) -> None:
         if self._told or self.args.process_index != 0:
@@ -104,6 +106,34 @@ class HFGenerator:
                   "those of the full softmax: the update is off-policy, and tokens outside the cut are never sampled, "
                   "so never pushed down. Leave them unset to sample on-policy (docs/ppo.md: On-policy sampling)", flush=True)
         self._told = True
+
+
+class StaticGenerator(HFGenerator):
+    """The same call through hfalign's static-cache decoder (ppo/decode.py; train.generation: static): a
+    preallocated KV cache, the decode step replayed as a CUDA graph on GPU, the same draws as `generate`. Sharded
+    ZeRO-3 generation (ds3_gather_for_generation: false, every rank stepping in lockstep) stays with `generate`."""
+
+    def sample(self, model, ids, mask, config, synced):
+        if synced:
+            return super().sample(model, ids, mask, config, synced)
+        from hfalign.ppo.decode import static_decode
+
+        return static_decode(model, ids, mask, max_new=config.max_new_tokens, stop_ids=self.stop_ids,
+                             pad_id=self.tokenizer.pad_token_id, temperature=config.temperature or 1.0,
+                             top_k=config.top_k or 0, top_p=1.0 if config.top_p is None else config.top_p,
+                             greedy=not config.do_sample, cuda_graphs=self.args.cuda_graphs)
+
+
+def make_generator(args, tokenizer, stop_ids: list[int], model, device: torch.device) -> HFGenerator:
+    """The sampler train.generation asks for: hf, static, or auto (static on CUDA where the model allows it)."""
+    from hfalign.errors import UserError
+    from hfalign.ppo.decode import unsupported
+
+    why = unsupported(model)
+    if args.generation == "static" and why:
+        raise UserError(f"train.generation: static cannot run this model: {why}.", fix="set train.generation: hf (or auto)")
+    static = args.generation == "static" or (args.generation == "auto" and device.type == "cuda" and why is None)
+    return (StaticGenerator if static else HFGenerator)(args, tokenizer, stop_ids)
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ from hfalign.ppo import checkpoint, core, guards, trl_compat
 from hfalign.ppo.build import from_trl_args
 from hfalign.ppo.config import PPOConfig
 from hfalign.ppo.estimate import estimate
-from hfalign.ppo.generation import HFGenerator, stop_token_ids
+from hfalign.ppo.generation import make_generator, stop_token_ids
 from hfalign.ppo.persistence import Persistence
 from hfalign.ppo.plan import plan, plan_problem
 from hfalign.ppo.policy_value import PolicyAndValue
@@ -80,9 +80,10 @@ class PPOTrainer(TRLSurface, StepSizeControl, Persistence, Trainer):
         if args.stop_token_id is not None:  # TRL 1.12's single stop id joins hfalign's list
             args.stop_token_ids = list(dict.fromkeys([*(args.stop_token_ids or []), args.stop_token_id]))
         self.stop_ids = stop_token_ids(args, processing_class, model.policy)
-        self.generator = HFGenerator(args, processing_class, self.stop_ids)  # the sampling seam (ppo/generation.py)
         super().__init__(model=model, args=args, processing_class=processing_class, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, callbacks=callbacks, optimizers=optimizers)
+        self.generator = make_generator(args, processing_class, self.stop_ids, model.policy,
+                                        self.accelerator.device)  # the sampling seam (ppo/generation.py)
         say, limit = args.process_index == 0, args.max_prompt_length
         self.prompts = encode_all(processing_class, train_dataset, "train", limit, say)
         self.eval_prompts = encode_all(processing_class, eval_dataset, "eval", limit, say) if eval_dataset is not None else []
