@@ -5,7 +5,8 @@
 #   RECIPE=...            recipe for `make train`            (or name single stages: SFT_RECIPE / RM_RECIPE / PPO_RECIPE)
 #   ACCELERATE_CONFIG=... launch through `hfalign launch --config_file ...` (checks, then accelerate launch; e.g.
 #                         accelerate_configs/zero3.yaml; without NUM_PROCESSES: every GPU it sees)
-#   NUM_PROCESSES=N       processes for accelerate launch    ARGS="k.sub=v ..."  recipe overrides
+#   NUM_PROCESSES=N       processes for accelerate launch    ARGS="k.sub=v ..."  recipe overrides (every stage)
+#   SFT_ARGS=, RM_ARGS=, PPO_ARGS=   overrides for one stage only (after ARGS), e.g. PPO_ARGS="train.response_length=24"
 # With no virtualenv active, everything runs in a project-local .venv created on first use. On a machine without
 # nvidia-smi it pins the CPU build of torch first, so no multi-GB CUDA build is pulled; with a GPU (or a torch
 # already installed in your active env) your torch is kept.
@@ -22,6 +23,9 @@ RECIPE ?= $(SFT_RECIPE)
 ACCELERATE_CONFIG ?=
 NUM_PROCESSES ?=
 ARGS ?=
+SFT_ARGS ?=
+RM_ARGS ?=
+PPO_ARGS ?=
 PYTEST_ARGS ?=
 TORCH_CPU ?= torch==2.13.0
 
@@ -78,15 +82,15 @@ data: | $(STAMP)
 
 sft: $(SFT_DONE)
 $(SFT_DONE): $(SFT_RECIPE) | $(STAMP) $(BASE)
-	$(LAUNCH) $(SFT_RECIPE) $(ARGS)
+	$(LAUNCH) $(SFT_RECIPE) $(ARGS) $(SFT_ARGS)
 
 rm: $(RM_DONE)
 $(RM_DONE): $(RM_RECIPE) | $(SFT_DONE)
-	$(LAUNCH) $(RM_RECIPE) $(ARGS)
+	$(LAUNCH) $(RM_RECIPE) $(ARGS) $(RM_ARGS)
 
 ppo: $(PPO_DONE)
 $(PPO_DONE): $(PPO_RECIPE) | $(SFT_DONE) $(RM_DONE)
-	$(LAUNCH) $(PPO_RECIPE) $(ARGS)
+	$(LAUNCH) $(PPO_RECIPE) $(ARGS) $(PPO_ARGS)
 
 # the critic-free estimators (docs/estimators.md): RLOO from the reward model, GRPO from the task's rule (no RM)
 rloo: $(RLOO_DONE)

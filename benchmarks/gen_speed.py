@@ -78,7 +78,8 @@ def sync(device):
 
 
 def profile(fn, ids, mask, device, rows: int) -> str:
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with prof(activities=acts) as p:
@@ -133,7 +134,7 @@ def main() -> None:
                   f"{a.prompts * steps / a.calls / sec:9.0f} tokens/s", flush=True)
             if name in a.profile:
                 tables[name] = profile(fn, ids, mask, a.device, a.profile_rows)
-        except Exception as e:  # noqa: BLE001 -- a benchmark reports what failed and goes on
+        except Exception as e:
             print(f"  {name:18} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
     base = results.get("generate-owned")
     for name, (sec, _) in results.items():
@@ -149,7 +150,7 @@ def main() -> None:
                 print(f"  greedy {name} vs generate-owned: {(got[:, :w] == ref[:, :w]).float().mean():.3f} of tokens "
                       f"equal, rows identical {(got[:, :w] == ref[:, :w]).all(1).float().mean():.2f}, "
                       f"median first difference at step {first.float().median():.0f}", flush=True)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 print(f"  greedy {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
     for name, table in tables.items():
         print(f"\n== profile: {name}\n{table}", flush=True)

@@ -47,8 +47,14 @@ SETTINGS = dict(per_device_train_batch_size=16, gradient_accumulation_steps=1, n
 
 def build(size: str, out: Path) -> None:
     import torch
-    from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen2ForSequenceClassification)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen2ForSequenceClassification,
+    )
 
     from hfalign.demo.tiny import build_tokenizer
 
@@ -99,7 +105,7 @@ def worker(kind: str, models: str, device: str, episodes: int, out: str, setting
         from hfalign.ppo import PPOConfig, PPOTrainer
         from hfalign.ppo.plan import GROUPED
 
-        estimator, generation = (kind.split(":") + ["", ""])[1:3]  # "hfalign:rloo", "hfalign:gae:hf"
+        estimator, generation = [*kind.split(":"), "", ""][1:3]  # "hfalign:rloo", "hfalign:gae:hf"
         estimator = estimator or "gae"
         k = 4 if estimator in GROUPED else 1
         # TRL 1.12's values for the robustness defaults, so both trainers do the same work

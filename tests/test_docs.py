@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -53,9 +54,10 @@ def test_getting_started_commands_are_real_make_targets():
     """Every `make ...` line of the shell blocks of the README and the docs pages names a target make can plan (a dry
     run: the job itself, sft -> rm -> ppo on the embedded default, is what test_ppo.py's default pipeline runs)."""
     def makes(page: Path) -> list[list[str]]:
-        blocks = re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)
+        blocks = re.findall(r"```bash\n(.*?)```", page.read_text().replace("\\\n", " "), flags=re.S)
         commands = [ln.split("#")[0].split() for block in blocks for ln in block.splitlines()]
-        return [c for c in commands if c and c[0] == "make"]
+        # RECIPES=my: made by the block before it, which test_first_lora_run_block_runs_as_written runs for real
+        return [c for c in commands if c and c[0] == "make" and "RECIPES=my" not in c]
 
     assert [c[1] for c in makes(ROOT / "docs" / "getting-started.md")][:2] == ["ppo", "test"]
     everywhere = [c for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] for c in makes(page)]
@@ -73,3 +75,40 @@ def test_every_metric_a_run_logs_is_in_the_glossary(ppo_run):
     page = (ROOT / "docs" / "ppo.md").read_text()
     missing = sorted(k for k in logged - {"step", "epoch"} if f"`{k}`" not in page)
     assert not missing, missing
+
+
+def test_first_lora_run_block_runs_as_written(tmp_path):
+    """getting-started's "Your first LoRA run on a family template", run as a newcomer types it, in a scratch copy of
+    the project (its Makefile, pyproject and recipes; the installed .venv): a tiny LLaMA-3-style base, the task as
+    conversations, `hfalign new` from recipes/llama3, validate, then sft -> rm -> ppo through make. The runs land
+    where make expects them, on the model and data given, and responses end at LLaMA-3's end of turn."""
+    import json
+    import sys
+
+    import yaml
+
+    page = (ROOT / "docs" / "getting-started.md").read_text()
+    block = re.search(r"## Your first LoRA run on a family template.*?```bash\n(.*?)```", page, flags=re.S).group(1)
+    work = tmp_path / "hfalign"
+    shutil.copytree(ROOT / "recipes", work / "recipes")
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy2(ROOT / name, work / name)
+    (work / ".venv").symlink_to(Path(sys.prefix))
+    (work / ".installed").touch()  # make's install stamp: newer than pyproject.toml, so make installs nothing here
+    env = {**os.environ, "MAKEFLAGS": f"STAMP={work / '.installed'}"}
+    env.pop("VIRTUAL_ENV", None)
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=work, capture_output=True, text=True,
+                          env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "next: hfalign validate my/sft.yaml   then   make ppo RECIPES=my" in proc.stdout
+    assert "ok: my/sft.yaml is a valid sft recipe (output_dir outputs/my/sft)" in proc.stdout
+    runs = work / "outputs" / "my"
+    assert all((runs / stage / "hfalign_done.json").is_file() for stage in ("sft", "rm", "ppo"))
+    ppo = yaml.safe_load((runs / "ppo" / "recipe.resolved.yaml").read_text())
+    assert ppo["model"]["name_or_path"] == "models/tiny-llama3" and ppo["model"]["adapter"] == "./outputs/my/sft"
+    assert ppo["reward"]["model"] == "./outputs/my/rm" and ppo["lora"]["enabled"]
+    assert ppo["train"]["bf16"] and ppo["train"]["activation_checkpointing"]  # the template's, as shipped
+    assert ppo["data"]["train"] == "my-data/ppo_prompts.jsonl" and ppo["train"]["response_length"] == 24
+    rows = [json.loads(ln) for ln in (runs / "ppo" / "samples.jsonl").read_text().splitlines()]
+    assert any(r["ended_with"] == "<|eot_id|>" for r in rows), [r["ended_with"] for r in rows][:10]
+    assert (runs / "ppo" / "report.md").is_file()

@@ -109,7 +109,7 @@ def test_generation_setting_picks_the_sampler(tiny_model):
     assert pick("auto", "cuda") is StaticGenerator and pick("static") is StaticGenerator
     model._can_compile_fullgraph = False  # as a remote-code model (ChatGLM) has it
     assert pick("auto", "cuda") is HFGenerator
-    with pytest.raises(UserError, match="train.generation: static cannot run this model"):
+    with pytest.raises(UserError, match=r"train\.generation: static cannot run this model"):
         pick("static")
 
 
@@ -129,3 +129,18 @@ def test_cuda_graph_replay_matches_eager_steps(tiny_model, dtype):
             torch.manual_seed(0)
             graphed = static_decode(model, enc.input_ids, enc.attention_mask, greedy=greedy, cuda_graphs=True, **kw)
         assert torch.equal(eager, graphed), (greedy, eager, graphed)
+
+
+def test_one_forward_per_token_and_prefill_logits_of_the_last_position_only(tiny_model):
+    """The CPU-side guard of issue 20's cause (per-token overhead): the decoder runs the prompt once, then exactly one
+    single-token forward per further token, each asking for the last position's logits only."""
+    tok, enc = encode(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    calls = []
+    model.register_forward_pre_hook(lambda _m, _a, kw: calls.append((kw["input_ids"].shape, kw["logits_to_keep"])),
+                                    with_kwargs=True)
+    out = static_decode(model, enc.input_ids, enc.attention_mask, max_new=10, stop_ids=[-1], pad_id=tok.pad_token_id,
+                        greedy=True)
+    assert out.shape == (len(PROMPTS), 10)
+    width = -(-enc.input_ids.shape[1] // PROMPT_BUCKET) * PROMPT_BUCKET
+    assert calls == [((len(PROMPTS), width), 1)] + [((len(PROMPTS), 1), 1)] * 9

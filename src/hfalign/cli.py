@@ -9,7 +9,10 @@
                                                  models/tiny-llama; F: llama (default), llama2, llama3, glm, glm4, qwen2;
                                                  N steps of pretraining on the task's text: a base for LoRA;
                                                  --tie: tied embeddings; --zero-unseen: LLaMA-3-base-like rows)
-    hfalign make-data [DIR] [--task T]           write a demo task's data files (default: the embedded default, data/)
+    hfalign make-data [DIR] [--task T] [--chat]  write a demo task's data files (default: the embedded default, data/;
+                                                 --chat: as conversations, the rows a chat template renders)
+    hfalign new DIR --from TEMPLATE [--model M] [--data D]   a recipe directory of your own from a shipped one: run
+                                                 paths -> outputs/DIR, model.name_or_path -> M, data -> D's files
     hfalign convert chatglm SRC OUT              a ChatGLM2/3 checkpoint (dir or hub id) as transformers' native GLM
     hfalign plot RUN_DIR [RUN_DIR ...] [--out D] a run's curves and report.md again; several runs overlaid in D
     hfalign generate RUN_DIR "prompt" [...]      sample from an SFT or PPO run (chat template as it was trained)
@@ -32,7 +35,7 @@ import yaml
 
 from hfalign.errors import UserError
 
-COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data", "convert", "plot", "generate", "export", "eval",
+COMMANDS = ("train", "validate", "show", "schema", "build-tiny", "make-data", "new", "convert", "plot", "generate", "export", "eval",
             "launch", "serve-reward")
 
 
@@ -66,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--zero-unseen", action="store_true",
                            help="with --pretrain: documents end with the end-of-text token and the rows of tokens "
                                 "pretraining never saw stay zero (LLaMA-3 base's chat header tokens)")
+        else:
+            s.add_argument("--chat", action="store_true", help="rows as conversations (messages; chosen/rejected "
+                                                               "conversations; prompts as a user turn)")
+    s = sub.add_parser("new", help="a recipe directory of your own, from a shipped one (run paths rewritten)")
+    s.add_argument("dir", help="the new recipe directory, e.g. my (its runs go to outputs/my/<stage>)")
+    s.add_argument("--from", dest="template", required=True, help="a recipe directory: recipes/llama3, recipes/lora, ...")
+    s.add_argument("--model", help="model.name_or_path of every stage (a hub id or a local directory)")
+    s.add_argument("--data", help="a directory of make-data files: each stage's data block points at them")
     s = sub.add_parser("plot", help="draw runs' curves (PNG) and, for one run, its report.md")
     s.add_argument("runs", nargs="+", help="run directories (output_dir of finished or running runs)")
     s.add_argument("--out", default="plots-compare", help="where several runs' overlaid plots go")
@@ -190,8 +201,16 @@ def _run(argv: list[str]) -> int:
     if args.command == "make-data":
         from hfalign.demo import write_data
 
-        for path in write_data(args.task, args.dir, args.seed):
+        for path in write_data(args.task, args.dir, args.seed, chat=args.chat):
             print(f"wrote {path}")
+        return 0
+    if args.command == "new":
+        from hfalign.scaffold import new
+
+        written = new(args.dir, args.template, args.model, args.data)
+        print(f"wrote {', '.join(p.name for p in written)} in {args.dir}/ (runs: outputs/{os.path.basename(os.path.normpath(args.dir))}/<stage>)")
+        first = next((p for p in written if p.name == "sft.yaml"), written[0])
+        print(f"next: hfalign validate {first}   then   make ppo RECIPES={args.dir}")
         return 0
     checked = validate(args.recipe, args.overrides, judge=args.command == "train" or getattr(args, "full", False))
     r = checked.recipe

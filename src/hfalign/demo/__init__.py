@@ -67,12 +67,27 @@ def corpus_of(data: dict[str, list[dict]], joined: bool = True) -> list[str]:
     return prompts + answers + [r["rejected"] for r in data["rm_train"]]
 
 
-def write_data(name: str, out_dir: str | Path, seed: int = 0) -> list[Path]:
-    """The task's sft/rm/ppo files as .jsonl under out_dir."""
+def as_chat(row: dict) -> dict:
+    """A row as conversations: prompt + completion -> messages, chosen/rejected -> conversations sharing the user's
+    turn, a lone prompt -> the user's turn (what a family template's hub datasets hold)."""
+    def turn(role, text):
+        return [{"role": role, "content": text.strip()}]
+
+    user = turn("user", row["prompt"])
+    if "completion" in row:
+        return {"messages": user + turn("assistant", row["completion"])}
+    if "chosen" in row:
+        return {"chosen": user + turn("assistant", row["chosen"]), "rejected": user + turn("assistant", row["rejected"])}
+    return {**row, "prompt": user}
+
+
+def write_data(name: str, out_dir: str | Path, seed: int = 0, chat: bool = False) -> list[Path]:
+    """The task's sft/rm/ppo files as .jsonl under out_dir (`chat`: as conversations, as_chat)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for split, rows in get_task(name).generate(seed).items():
+        rows = [as_chat(r) for r in rows] if chat else rows
         path = out / f"{split}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         written.append(path)

@@ -122,7 +122,6 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new: int,
             graph.replay()
             logits = graph_logits
     steps = int(done.int().argmax()) + 1 if bool(done.any()) else max_new
-    del graph, cache
     return out[:, :steps]
 
 
