@@ -101,12 +101,13 @@ def test_generation_setting_picks_the_sampler(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
 
-    def pick(generation, device="cpu", m=model):
-        args = PPOConfig(output_dir="/tmp/unused", generation=generation, report_to="none")
+    def pick(generation, device="cpu", m=model, graphs=True):
+        args = PPOConfig(output_dir="/tmp/unused", generation=generation, report_to="none", cuda_graphs=graphs)
         return type(make_generator(args, tok, [tok.eos_token_id], m, torch.device(device)))
 
     assert pick("auto") is HFGenerator and pick("hf", "cuda") is HFGenerator  # auto: static on CUDA only
     assert pick("auto", "cuda") is StaticGenerator and pick("static") is StaticGenerator
+    assert pick("auto", "cuda", graphs=False) is HFGenerator  # op by op it is not faster than generate
     model._can_compile_fullgraph = False  # as a remote-code model (ChatGLM) has it
     assert pick("auto", "cuda") is HFGenerator
     with pytest.raises(UserError, match=r"train\.generation: static cannot run this model"):

@@ -31,7 +31,7 @@ class PPOConfig(TrainingArguments):
     max_prompt_length: int | None = field(default=1024, metadata={"help": "Longer prompts lose their beginning (tokens cut on the left; counted in the log). null: no limit."})
     local_rollout_forward_batch_size: int = field(default=64, metadata={"help": "Per-process batch of no-grad forward passes in the rollout."})
     ds3_gather_for_generation: bool = field(default=True, metadata={"help": "ZeRO-3: gather weights for generation (faster) instead of generating sharded."})
-    generation: Literal["auto", "hf", "static"] = field(default="auto", metadata={"help": "How responses are sampled. hf: transformers' generate (a dynamic KV cache, Python per token). static: hfalign's static-cache decoder (a preallocated KV cache, the decode step replayed as a CUDA graph on GPU, the same draws as generate: docs/ppo.md, Sampling speed). auto: static on CUDA where transformers gives the model a static cache (LLaMA, Qwen2, GLM-4, ...), else hf."})
+    generation: Literal["auto", "hf", "static"] = field(default="auto", metadata={"help": "How responses are sampled. hf: transformers' generate (a dynamic KV cache, Python per token). static: hfalign's static-cache decoder (a preallocated KV cache, the decode step replayed as a CUDA graph on GPU, the same draws as generate: docs/ppo.md, Sampling speed). auto: static on CUDA with cuda_graphs where transformers gives the model a static cache (LLaMA, Qwen2, GLM-4, ...; not quantized weights), else hf."})
     cuda_graphs: bool = field(default=True, metadata={"help": "With the static decoder on CUDA, replay each decode step as a CUDA graph (captured per call, so adapters, ZeRO-3 gathering and weight updates are safe). false: the same loop, launched op by op."})
 
     # Score
