@@ -27,10 +27,12 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from hfalign.ppo.generation import _pretrained
-
 PROMPT_BUCKET = 16  # prompt widths are padded up to a multiple of this: a bounded number of shapes per run
 CHECK_EVERY = 16  # tokens between two reads of "has every row finished?" (the only host syncs of the loop)
+
+
+def _pretrained(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def unsupported(model) -> str | None:
