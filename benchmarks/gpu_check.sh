@@ -13,9 +13,11 @@
 #   bash benchmarks/gpu_check.sh trl     carry .whl and .trl112: TRL 1.12 vs hfalign with TRL's settings on the default
 #                                        pipeline (benchmarks/trl_parity.py), then TRL's ppo.py example (one import
 #                                        changed) on the tiny model, on the GPU
-#   bash benchmarks/gpu_check.sh speed   carry .whl (+ pytest wheels) and .trl112: the static decoder's CUDA-graph
-#                                        test, generation four ways with profiles (gen_speed.py), the 0.7B case hf vs
-#                                        static vs TRL 1.12, the verl-shaped 0.5B Qwen2 case (256 x 256 tokens)
+#   bash benchmarks/gpu_check.sh speed   carry .whl (+ pytest wheels) and .trl112: the CUDA-graph tests (decode step,
+#                                        update micro-step), the 0.7B case with the update graphed / op by op / TRL
+#                                        1.12, the verl-shaped 0.5B Qwen2 case (256 x 256 tokens) graphed / op by op
+#   bash benchmarks/gpu_check.sh graphs  carry .whl: the update's micro-step as a CUDA graph -- its GPU tests, the 0.7B
+#                                        case with the update op by op vs graphed, a profile of both
 #   bash benchmarks/gpu_check.sh speed2  carry .whl: a profile of two PPO updates hf vs static, the default pipeline
 #                                        on the GPU (generation: auto = static), ZeRO-3 bf16 and LoRA bf16 with it
 # One log per check under $OUT (at most 8 files come back).
@@ -50,13 +52,22 @@ if [ "$part" = main ]; then
 elif [ "$part" = speed ]; then
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-    timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_generation.py -k cuda_graph; echo "== pytest rc=$?"; } > "$OUT/0-env.log" 2>&1
-  timeout 250 python3 benchmarks/ppo_gpu.py --episodes 256 --generation hf static --trl-path .trl112 \
+    timeout 100 python3 -m pytest -q -p no:cacheprovider --tb=short --show-capture=no tests/test_update_graphs.py \
+      tests/test_generation.py -k cuda; echo "== pytest rc=$?"; } > "$OUT/0-env.log" 2>&1
+  timeout 230 python3 benchmarks/ppo_gpu.py --episodes 256 --generation static --update-graphs on off --trl-path .trl112 \
     > "$OUT/2-ppo-0.7b.log" 2>&1; echo "== rc=$?" >> "$OUT/2-ppo-0.7b.log"
-  timeout 150 python3 benchmarks/ppo_gpu.py --size 0.5b --preset verl --new-tokens 256 --episodes 256 \
-    --generation static hf --trl-path none > "$OUT/3-ppo-0.5b-verl.log" 2>&1; echo "== rc=$?" >> "$OUT/3-ppo-0.5b-verl.log"
-  timeout 90 python3 benchmarks/ppo_gpu.py --episodes 128 --generation hf static --trl-path none \
-    --profile "$OUT/4-update-profile.log" > "$OUT/4-profile-run.log" 2>&1; echo "== rc=$?" >> "$OUT/4-profile-run.log"
+  timeout 130 python3 benchmarks/ppo_gpu.py --size 0.5b --preset verl --new-tokens 256 --episodes 256 \
+    --generation static --update-graphs on off --trl-path none > "$OUT/3-ppo-0.5b-verl.log" 2>&1
+  echo "== rc=$?" >> "$OUT/3-ppo-0.5b-verl.log"
+elif [ "$part" = graphs ]; then
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_update_graphs.py tests/test_generation.py -k cuda 2>&1 | tail -n 40
+    echo "== pytest rc=$?"; } > "$OUT/0-tests.log" 2>&1
+  timeout 200 python3 benchmarks/ppo_gpu.py --episodes 256 --generation static --update-graphs off on --trl-path none \
+    > "$OUT/1-update-graphs-0.7b.log" 2>&1; echo "== rc=$?" >> "$OUT/1-update-graphs-0.7b.log"
+  timeout 100 python3 benchmarks/ppo_gpu.py --episodes 128 --generation static --update-graphs off on --trl-path none \
+    --profile "$OUT/2-profile.log" > "$OUT/2-profile-run.log" 2>&1; echo "== rc=$?" >> "$OUT/2-profile-run.log"
 elif [ "$part" = speed2 ]; then
   timeout 100 python3 benchmarks/gen_speed.py --calls 1 --profile generate-owned static-graphs > "$OUT/1-gen-speed.log" 2>&1
   echo "== rc=$?" >> "$OUT/1-gen-speed.log"

@@ -5,6 +5,7 @@
     python benchmarks/ppo_gpu.py --trl-path none --estimators gae rloo grpo   # hfalign's estimators side by side
     python benchmarks/ppo_gpu.py --size 100m --device cpu --episodes 64 --trl-path none --estimators gae rloo
     python benchmarks/ppo_gpu.py --trl-path none --generation hf static --profile prof.txt   # the sampler, and where time goes
+    python benchmarks/ppo_gpu.py --trl-path none --generation static --update-graphs off on   # the update as a CUDA graph
     python benchmarks/ppo_gpu.py --size 0.5b --preset verl --new-tokens 256 --episodes 256 --trl-path none   # verl-shaped
 
 Both trainers get the same weights (saved once, bf16), tokenizer (the embedded default's), prompts and settings:
@@ -67,14 +68,15 @@ def build(size: str, out: Path) -> None:
     cfg = Config(max_position_embeddings=1024, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                  bos_token_id=tok.bos_token_id, tie_word_embeddings=False, **shape)
     torch.manual_seed(0)
-    policy = LM(cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # random init of 0.7B on a CPU took 40 s of GPU time
+    with torch.device(device):
+        policy, head = LM(cfg), Head(cfg.__class__(**{**cfg.to_dict(), "num_labels": 1}))
     if shape["vocab_size"] > len(tok):  # a random model would sample ids no tokenizer row has: make them unlikely
         with torch.no_grad():
             policy.lm_head.weight[len(tok):] = 0
             policy.lm_head.weight[:len(tok)] *= 4
     policy.to(torch.bfloat16).save_pretrained(out / "policy")
-    cfg.num_labels = 1
-    Head(cfg).to(torch.bfloat16).save_pretrained(out / "rm")
+    head.to(torch.bfloat16).save_pretrained(out / "rm")
     for d in ("policy", "rm"):
         tok.save_pretrained(out / d)
 
@@ -105,12 +107,13 @@ def worker(kind: str, models: str, device: str, episodes: int, out: str, setting
         from hfalign.ppo import PPOConfig, PPOTrainer
         from hfalign.ppo.plan import GROUPED
 
-        estimator, generation = [*kind.split(":"), "", ""][1:3]  # "hfalign:rloo", "hfalign:gae:hf"
+        estimator, generation, graphs = [*kind.split(":"), "", "", ""][1:4]  # "hfalign:rloo", "hfalign:gae:hf:off"
         estimator = estimator or "gae"
         k = 4 if estimator in GROUPED else 1
         # TRL 1.12's values for the robustness defaults, so both trainers do the same work
         args, extra = PPOConfig(**common, early_stop_kl=None, adaptive_kl=False, normalize_scores=False,
-                                advantage_estimator=estimator, num_generations=k, generation=generation or "auto"), {}
+                                advantage_estimator=estimator, num_generations=k, generation=generation or "auto",
+                                update_graphs=graphs != "off"), {}
     trainer = PPOTrainer(args=args, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(policy_dir, **load),
                          reward_model=AutoModelForSequenceClassification.from_pretrained(rm_dir, **load),
                          value_model=AutoModelForSequenceClassification.from_pretrained(rm_dir, **load),
@@ -128,13 +131,14 @@ def worker(kind: str, models: str, device: str, episodes: int, out: str, setting
         profiler.write(len(logs))
     batch = episodes / max(1, len(logs))  # responses per update
     split["tokens"] = sum(h.get("val/response_length", 0.0) * batch for h in logs)
+    reserved = None
     if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        peak, reserved = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
     else:  # the process's peak RSS (each run is its own process)
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"eps": episodes / seconds, "seconds": seconds, "peak_gib": peak, **split}
+    return {"eps": episodes / seconds, "seconds": seconds, "peak_gib": peak, "reserved_gib": reserved, **split}
 
 
 class UpdateProfiler:
@@ -164,7 +168,8 @@ def run_worker(args: list[str], pythonpath: str | None, label: str) -> dict | No
     if r:  # said at once: a run cut short by a timeout still leaves the runs before it
         split = " / ".join(f"{r[k]:.1f}" for k in ("timing/generate", "timing/score", "timing/update"))
         tps = f"  {r['tokens'] / r['seconds']:7.0f} generated tokens/s" if r.get("tokens") else ""
-        print(f"  {label:16} {r['eps']:7.2f} episodes/s{tps}  peak {r['peak_gib']:6.1f} GiB  ({r['seconds']:.1f} s; "
+        held = f" (reserved {r['reserved_gib']:.1f})" if r.get("reserved_gib") else ""
+        print(f"  {label:30} {r['eps']:7.2f} episodes/s{tps}  peak {r['peak_gib']:6.1f} GiB{held}  ({r['seconds']:.1f} s; "
               f"generate / score / update {split} s)", flush=True)
     return r
 
@@ -185,6 +190,8 @@ def main() -> None:
     p.add_argument("--estimators", nargs="+", default=["gae"], help="hfalign runs, one per advantage_estimator")
     p.add_argument("--generation", nargs="+", default=["auto"], choices=["auto", "hf", "static"],
                    help="hfalign runs, one per train.generation (per estimator)")
+    p.add_argument("--update-graphs", nargs="+", default=["on"], choices=["on", "off"],
+                   help="hfalign runs, one per train.update_graphs (per generation)")
     p.add_argument("--profile", help="append a torch.profiler table of each hfalign run to this file (use few episodes)")
     p.add_argument("--settings", help=argparse.SUPPRESS)
     p.add_argument("--worker", nargs=4, metavar=("KIND", "MODELS", "EPISODES", "OUT"))
@@ -206,8 +213,11 @@ def main() -> None:
         runs = {}
         for e in a.estimators:
             for g in a.generation:
-                name = " ".join(["hfalign", *([e] if e != "gae" else []), *([g] if g != "auto" else [])])
-                runs[name] = run_worker([f"hfalign:{e}:{g}", tmp, str(a.episodes), f"{tmp}/h-{e}-{g}", *extra], None, name)
+                for u in a.update_graphs:
+                    name = " ".join(["hfalign", *([e] if e != "gae" else []), *([g] if g != "auto" else []),
+                                     *(["update op by op"] if u == "off" else [])])
+                    runs[name] = run_worker([f"hfalign:{e}:{g}:{u}", tmp, str(a.episodes), f"{tmp}/h-{e}-{g}-{u}", *extra],
+                                            None, name)
         trl_dir = None if a.trl_path == "none" else a.trl_path or trl112_path()
         if trl_dir:
             runs["TRL 1.12"] = run_worker(["trl", tmp, str(a.episodes), f"{tmp}/t", *extra], trl_dir, "TRL 1.12")

@@ -7,7 +7,7 @@ with the trust region on (adaptive_lr), once per optimizer step to read the step
 Runs two short updates each with adaptive_lr off and on, under torch.cuda.set_sync_debug_mode("warn"), counts the
 synchronising calls made inside micro-steps and inside the whole update, and prints where each kind came from (the
 innermost hfalign line). Exit 1 when a micro-step synced. On CPU there is nothing to sync: the CPU-side guard is the
-index-device assert in PPOTrainer._micro_step (tests/test_ppo_core.py).
+index-device assert in ppo/graphs.py micro_steps (tests/test_ppo_core.py).
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ RECORDED_GAE = [
 VALUE_KEYS = ("loss/value_avg", "val/clipfrac_avg", "val/explained_variance")
 
 
-def tiny_trainer(tiny_model, tmp_path, reward=None, value=True, **overrides) -> PPOTrainer:
-    """The TRL-style API on the tiny random model: policy, and (seeded) fresh scalar heads for reward and value."""
+def tiny_trainer(tiny_model, tmp_path, reward=None, value=True, peft_config=None, **overrides) -> PPOTrainer:
+    """The TRL-style API on the tiny random model: policy, and (seeded) fresh scalar heads for reward and value
+    (with `peft_config` and value=False: the critic an adapter on the policy's shared base)."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -44,7 +45,7 @@ def tiny_trainer(tiny_model, tmp_path, reward=None, value=True, **overrides) -> 
               learning_rate=1e-3, local_rollout_forward_batch_size=8)
     kw.update(overrides)
     return PPOTrainer(args=PPOConfig(**kw), processing_class=tok, model=AutoModelForCausalLM.from_pretrained(tiny_model),
-                      reward_model=reward or rm, value_model=vm if value else None,
+                      reward_model=reward or rm, value_model=vm if value else None, peft_config=peft_config,
                       train_dataset=datasets.Dataset.from_list(read_jsonl(ROOT / "data/ppo_prompts.jsonl")[:32]))
 
 

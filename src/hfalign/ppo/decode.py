@@ -21,23 +21,21 @@ Returns what HF `generate` returns past the prompt: [B, T] with T the step at wh
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 
 import torch
 import torch.nn.functional as F
 
+from hfalign.ppo.graphs import as_4d, graphs_allowed, warm_and_capture
+from hfalign.ppo.policy_value import unwrapped
+
 PROMPT_BUCKET = 16  # prompt widths are padded up to a multiple of this: a bounded number of shapes per run
 CHECK_EVERY = 16  # tokens between two reads of "has every row finished?" (the only host syncs of the loop)
 
 
-def _pretrained(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def unsupported(model) -> str | None:
     """None when the static decoder can run `model`, else why not (the hf path then serves it)."""
-    inner = _pretrained(model)
+    inner = unwrapped(model)
     name = type(inner).__name__
     if not getattr(inner, "_can_compile_fullgraph", False):
         return f"{name} has no static-cache support in transformers (e.g. remote-code ChatGLM)"
@@ -47,11 +45,6 @@ def unsupported(model) -> str | None:
     if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
         return f"{name} uses attention {config._attn_implementation!r} (the static decoder builds sdpa/eager masks)"
     return None
-
-
-def graphs_allowed(model) -> bool:
-    """CUDA graphs need every kernel of a step to be capturable: not with quantized (bitsandbytes) weights."""
-    return getattr(_pretrained(model), "hf_quantizer", None) is None
 
 
 @torch.no_grad()
@@ -65,7 +58,7 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new: int,
 
     extra = (-ids.shape[1]) % PROMPT_BUCKET
     ids, mask = F.pad(ids, (extra, 0), value=pad_id), F.pad(mask, (extra, 0), value=0)
-    (B, P), device, inner = ids.shape, ids.device, _pretrained(model)
+    (B, P), device, inner = ids.shape, ids.device, unwrapped(model)
     check_every = check_every or (1 if device.type == "cpu" else CHECK_EVERY)
     L = P + max_new
     cache = StaticCache(config=inner.config, max_cache_len=L)
@@ -74,11 +67,10 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new: int,
     keys = torch.cat([mask.bool(), torch.ones(B, max_new, dtype=torch.bool, device=device)], 1)  # [B, L]
     slots = torch.arange(L, device=device)
 
+    dtype = (inner.dtype if inner.dtype.is_floating_point else torch.float32) if additive else None
+
     def as_mask(allowed: torch.Tensor) -> torch.Tensor:  # [B, 1, q, L] bool (sdpa) or additive float (eager)
-        if not additive:
-            return allowed
-        dtype = inner.dtype if inner.dtype.is_floating_point else torch.float32
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        return as_4d(allowed, dtype)
 
     def forward(tokens, attention, positions):  # fp32 logits of the last position, [B, V]
         out = model(input_ids=tokens, attention_mask=attention, position_ids=positions, use_cache=True,
@@ -116,41 +108,13 @@ def static_decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new: int,
         if not use_graph:
             logits = forward(tok_buf, mask_buf, pos_buf)
         elif graph is None:  # the first decode step runs for real on a side stream (warming up), then is captured
-            logits, (graph, graph_logits) = _warm_and_capture(lambda: forward(tok_buf, mask_buf, pos_buf))
+            logits, (graph, graph_logits) = warm_and_capture(lambda: forward(tok_buf, mask_buf, pos_buf), "the decode step")
             use_graph = graph is not None
         else:
             graph.replay()
             logits = graph_logits
     steps = int(done.int().argmax()) + 1 if bool(done.any()) else max_new
     return out[:, :steps]
-
-
-_told_capture = False
-
-
-def _warm_and_capture(step):
-    """(the step's real output, (its CUDA graph, the graph's output buffer)), or (output, (None, None)) when the
-    model has a step that cannot be captured: said once, and the call goes on op by op. Autocast's weight cache is
-    off inside the capture: cached casts made there would be freed while the graph still points at them."""
-    global _told_capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        first = step()
-    torch.cuda.current_stream().wait_stream(side)
-    autocast = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-                if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with autocast, torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            buffer = step()
-    except RuntimeError as e:  # the warm step already ran for real and advanced the cache: it stands
-        if not _told_capture:
-            print(f"hfalign: the decode step could not be captured as a CUDA graph ({str(e).splitlines()[0][:200]}); "
-                  "sampling op by op. train.cuda_graphs: false silences this", flush=True)
-            _told_capture = True
-        return first, (None, None)
-    return first, (graph, buffer)
 
 
 def _warpers(temperature: float, top_k: int, top_p: float, greedy: bool) -> list:

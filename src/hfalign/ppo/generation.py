@@ -18,6 +18,8 @@ import contextlib
 import torch
 from transformers import GenerationConfig
 
+from hfalign.ppo.policy_value import unwrapped
+
 # Sampling fields of a checkpoint's generation_config that would change what is sampled, with their neutral values.
 NEUTRAL = {"top_k": 50, "top_p": 1.0, "temperature": 1.0, "typical_p": 1.0, "min_p": None, "repetition_penalty": 1.0,
            "no_repeat_ngram_size": 0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "bad_words_ids": None,
@@ -25,13 +27,9 @@ NEUTRAL = {"top_k": 50, "top_p": 1.0, "temperature": 1.0, "typical_p": 1.0, "min
            "min_new_tokens": None, "forced_eos_token_id": None, "exponential_decay_length_penalty": None}
 
 
-def _pretrained(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def ignored_sampling_fields(model) -> dict:
     """What the checkpoint's generation_config sets that PPO's sampling will not use."""
-    gen = getattr(_pretrained(model), "generation_config", None)
+    gen = getattr(unwrapped(model), "generation_config", None)
     if gen is None:
         return {}
     return {k: getattr(gen, k, None) for k, neutral in NEUTRAL.items()
@@ -129,7 +127,8 @@ def make_generator(args, tokenizer, stop_ids: list[int], model, device: torch.de
     its decode step can be a CUDA graph (op by op the static loop is no faster than generate: 27.9 vs 17.0 ms per
     token step for the 0.7B benchmark on an H200; quantized weights are never captured)."""
     from hfalign.errors import UserError
-    from hfalign.ppo.decode import graphs_allowed, unsupported
+    from hfalign.ppo.decode import unsupported
+    from hfalign.ppo.graphs import graphs_allowed
 
     why = unsupported(model)
     if args.generation == "static" and why:
@@ -142,7 +141,7 @@ def make_generator(args, tokenizer, stop_ids: list[int], model, device: torch.de
 @contextlib.contextmanager
 def _owned_generation_config(model, config: GenerationConfig):
     """Swap the checkpoint's generation_config out for the call, so none of its fields fill ours."""
-    inner = _pretrained(model)
+    inner = unwrapped(model)
     saved = inner.generation_config
     inner.generation_config = config
     try:
@@ -155,8 +154,8 @@ def _owned_generation_config(model, config: GenerationConfig):
 def _generating(model_wrapped, accelerator, role: str, gather: bool):
     """(the generating model, synced_gpus). Under ZeRO-3 only that model's parameters are gathered (pitfall 10; not
     the reference, critic or reward model beside it), and DeepSpeed's fetch hooks are lifted while it generates."""
-    unwrapped = accelerator.unwrap_model(model_wrapped)
-    model, role_context = unwrapped.generator(role)
+    wrapper = accelerator.unwrap_model(model_wrapped)
+    model, role_context = wrapper.generator(role)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     zero3 = plugin is not None and plugin.zero_stage == 3
     if not zero3:

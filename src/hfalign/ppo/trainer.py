@@ -33,7 +33,7 @@ from transformers import Trainer
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import TrainOutput
 
-from hfalign.ppo import checkpoint, core, guards, trl_compat
+from hfalign.ppo import checkpoint, core, graphs, guards, trl_compat
 from hfalign.ppo.build import from_trl_args
 from hfalign.ppo.config import PPOConfig
 from hfalign.ppo.estimate import estimate
@@ -93,6 +93,7 @@ class PPOTrainer(TRLSurface, StepSizeControl, Persistence, Trainer):
         self.episode = 0
         self.lr_scale = 1.0  # the adaptive-lr controller's factor on the configured learning rate (and its schedule)
         self.vetted: set[int] = set()  # steps whose weights passed the guards (ppo/guards.py): rollback targets
+        self.update_graph_problem: str | None = "the run has not started"  # None: micro-steps as CUDA graphs
         self._resolve_step_control(args, model.policy_is_adapter)
         self._note_not_acted_on()
 
@@ -167,6 +168,7 @@ class PPOTrainer(TRLSurface, StepSizeControl, Persistence, Trainer):
         a, p, acc, model = self.args, self.plan, self.accelerator, self.model_wrapped
         stats, steps, undo, limit, rejected = defaultdict(list), 0, None, a.early_stop_kl, False
         model.train()
+        micro_step = self._micro_steps(model, r, advantages, returns)
         for _ in range(a.num_ppo_epochs):
             order = torch.randperm(p.rollout_batch, device=r.full.device)  # on the device: indexing never syncs
             epoch_kl = []
@@ -178,7 +180,7 @@ class PPOTrainer(TRLSurface, StepSizeControl, Persistence, Trainer):
                     acc.gradient_state._set_sync_gradients(sync)
                     no_sync = not sync and not self.is_deepspeed_enabled
                     with acc.no_sync(model) if no_sync else contextlib.nullcontext():
-                        stat = self._micro_step(model, r, order[micro_start:micro_start + p.micro_batch], advantages, returns)
+                        stat = micro_step(order[micro_start:micro_start + p.micro_batch])
                     for k, v in stat.items():
                         stats[k].append(v)
                     epoch_kl.append(stat["policy/approxkl_avg"])
@@ -218,24 +220,34 @@ class PPOTrainer(TRLSurface, StepSizeControl, Persistence, Trainer):
     def _warming_up(self) -> bool:
         return self.state.global_step < self.args.value_warmup_updates
 
-    def _micro_step(self, model, r: Rollout, idx: torch.Tensor, advantages: torch.Tensor, returns) -> dict:
-        """Forward and backward of one micro-batch; the loss is divided by the accumulation steps (value loss: with a
-        critic; KL: with kl_placement in_loss). Stats stay on the device (detached): the update syncs once, at its
-        end."""
-        a, Q, mask = self.args, r.prompt_width, r.mask[idx]
-        assert idx.device == r.full.device, "a host-side index would sync the device at every micro-step"
-        logits, vpred = model(r.full[idx], r.attn[idx], r.pos[idx], mode="train", logits_to_keep=r.mask.shape[1] + 1)
+    def _micro_steps(self, model, r: Rollout, advantages: torch.Tensor, returns):
+        """The update's micro-step as a function of a micro-batch's episode indices, replayed as a CUDA graph where
+        it can be (ppo/graphs.py; not during the critic's warm-up, whose dropped policy gradients it cannot follow)."""
+        sources = {"full": r.full, "attn": r.attn, "pos": r.pos, "responses": r.responses, "logprobs": r.logprobs,
+                   "advantages": advantages, "mask": r.mask}
+        sources |= {"values": r.values, "returns": returns} if returns is not None else {}
+        sources |= {"ref_logprobs": r.ref_logprobs} if self.args.kl_placement == "in_loss" else {}
+        graphed = self.update_graph_problem is None and not self._warming_up()
+        return graphs.micro_steps(lambda b: self._micro_step(model, b), sources, self.model, graphed)
+
+    def _micro_step(self, model, b: dict) -> dict:
+        """Forward and backward of one micro-batch `b` (the rollout's tensors at its rows: _micro_steps); the loss is
+        divided by the accumulation steps (value loss: with a critic; KL: with kl_placement in_loss). Stats stay on
+        the device (detached): the update syncs once, at its end."""
+        a, mask, T = self.args, b["mask"], b["mask"].shape[1]
+        Q = b["full"].shape[1] - T
+        logits, vpred = model(b["full"], b["attn"], b["pos"], mode="train", logits_to_keep=T + 1)
         logits = logits[:, :-1]
-        new_logprobs, token_entropy = core.logprobs_and_entropy(logits, r.responses[idx], a.temperature)
-        pg_loss, pg = core.policy_loss(new_logprobs, r.logprobs[idx], advantages[idx], mask, **a.loss_options)
+        new_logprobs, token_entropy = core.logprobs_and_entropy(logits, b["responses"], a.temperature)
+        pg_loss, pg = core.policy_loss(new_logprobs, b["logprobs"], b["advantages"], mask, **a.loss_options)
         warming_up, stats = self._warming_up(), {}  # the policy's zero gradients are dropped before the step (ppo_update)
         loss = (0.0 if warming_up else 1.0) * pg_loss
-        if returns is not None:
-            vf_loss, vf_clipfrac = core.value_loss(vpred[:, Q - 1:-1], r.values[idx], returns[idx], mask, a.cliprange_value)
+        if "returns" in b:
+            vf_loss, vf_clipfrac = core.value_loss(vpred[:, Q - 1:-1], b["values"], b["returns"], mask, a.cliprange_value)
             loss = loss + a.vf_coef * vf_loss
             stats |= {"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_clipfrac}
         if a.kl_placement == "in_loss":  # GRPO: k3 KL of the policy being trained to the reference, in the loss
-            kl_term = core.aggregate(core.kl_penalty(new_logprobs, r.ref_logprobs[idx], "k3"), mask, a.loss_aggregation,
+            kl_term = core.aggregate(core.kl_penalty(new_logprobs, b["ref_logprobs"], "k3"), mask, a.loss_aggregation,
                                      a.response_length)
             loss = loss + self.kl_coef * kl_term
             stats["loss/kl_avg"] = kl_term
@@ -246,7 +258,7 @@ class PPOTrainer(TRLSurface, StepSizeControl, Persistence, Trainer):
             entropy = core.masked_mean(token_entropy, mask)
         if self.vocab_kl_coef and not warming_up:  # the whole distribution, not only the sampled token, kept near ref
             with torch.no_grad():
-                ref_logits = model(r.full[idx], r.attn[idx], r.pos[idx], mode="ref", logits_to_keep=r.mask.shape[1] + 1)
+                ref_logits = model(b["full"], b["attn"], b["pos"], mode="ref", logits_to_keep=T + 1)
             term = core.vocab_kl(logits, ref_logits[:, :-1], a.temperature) if a.vocab_kl_tail is None else \
                 core.tail_kl(logits, ref_logits[:, :-1], a.vocab_kl_tail, a.temperature)
             vocab_kl = core.masked_mean(term, mask)
@@ -287,6 +299,9 @@ class PPOTrainer(TRLSurface, StepSizeControl, Persistence, Trainer):
             self.model.store_heads_as(torch.bfloat16 if a.bf16 else torch.float16)
         model, _ = self._prepare_for_training(p.total_optimizer_steps, None, resume_from_checkpoint)
         model.eval()  # dropout is off anyway; eval() also keeps any remaining stochastic layers deterministic
+        self.update_graph_problem = "train.update_graphs is off" if not (a.update_graphs and a.cuda_graphs) else \
+            graphs.update_problem(self.model, acc.device, self.is_deepspeed_enabled, acc.num_processes,
+                                  acc.mixed_precision)
         if resume_from_checkpoint:
             guards.load_state(self, checkpoint.resume(self, resume_from_checkpoint).get("guards", []))
             # this run's plan: a resume with more total_episodes goes on to the new end
@@ -295,6 +310,9 @@ class PPOTrainer(TRLSurface, StepSizeControl, Persistence, Trainer):
         guards.prepare(self, resuming=bool(resume_from_checkpoint))
         if self.is_world_process_zero():
             print("hfalign ppo plan: " + ", ".join(f"{k}={v}" for k, v in vars(p).items()), flush=True)
+            if acc.device.type == "cuda":
+                print("hfalign ppo update: micro-steps " + ("replayed as CUDA graphs (recorded once per update)"
+                      if self.update_graph_problem is None else f"op by op ({self.update_graph_problem})"), flush=True)
             self._say_step_control()
         self.control = self.callback_handler.on_train_begin(a, self.state, self.control)
         batches = prompt_batches(len(self.prompts), p.prompts_per_update, acc.process_index, acc.num_processes, a.seed)
