@@ -6,12 +6,13 @@ modules, autograd, autocast): on an H200 it took ~200 ms where the arithmetic ne
 recorded once and replayed with one launch on the same static buffers. The decode step runs for real on a side
 stream, then is recorded (a failed capture is said once and sampling goes on op by op). The update's micro-step is
 recorded per update (its shapes and coefficients hold for one update), after one thrown-away warm-up step per
-process; a failed recording is an error naming train.update_graphs (CUDA's random-number state may not survive it).
+model; a failed recording is an error naming train.update_graphs (CUDA's random-number state may not survive it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
@@ -88,7 +89,7 @@ def causal_mask(attention_mask: torch.Tensor, additive_dtype: torch.dtype | None
 
 
 _told: set[str] = set()
-_warmed = False  # has this process run an update's micro-step for real before recording one?
+_warmed: weakref.WeakSet = weakref.WeakSet()  # models whose micro-step ran for real once before being recorded
 
 
 def warm_and_capture(step, what: str, mode: str = "thread_local"):
@@ -125,7 +126,7 @@ def micro_steps(step, sources: dict[str, torch.Tensor], model, graphed: bool):
     if graphed:
         sources = {**sources, "attn": causal_mask(sources["attn"], mask_dtype(model))}
         params = [p for p in model.parameters() if p.requires_grad]
-        return GraphedMicroStep(step, sources, params, capture=sources["full"].device.type == "cuda")
+        return GraphedMicroStep(step, sources, params, capture=sources["full"].device.type == "cuda", owner=model)
 
     def op_by_op(idx: torch.Tensor) -> dict:
         assert idx.device == sources["full"].device, "a host-side index would sync the device at every micro-step"
@@ -148,8 +149,9 @@ class GraphedMicroStep:
     Made per update: its shapes (prompt width) and the Python numbers baked into it (coefficients, the KL
     coefficient, the temperature) hold for one update; dropping it frees the graphs' memory."""
 
-    def __init__(self, step, sources: dict[str, torch.Tensor], params: list[torch.nn.Parameter], capture: bool):
-        self.step, self.sources, self.params = step, sources, params
+    def __init__(self, step, sources: dict[str, torch.Tensor], params: list[torch.nn.Parameter], capture: bool,
+                 owner: torch.nn.Module | None = None):
+        self.step, self.sources, self.params, self.owner = step, sources, params, owner
         self.static: dict[str, torch.Tensor] = {}
         self.fresh, self.accumulate, self.grads, self.failed = None, None, [], not capture
 
@@ -180,11 +182,12 @@ class GraphedMicroStep:
         return self._replay(self.accumulate)
 
     def _record_fresh(self) -> None:
-        """Record `fresh` with every .grad None. The first time in a process, one micro-step runs for real on a side
-        stream first (lazy initialisation -- library handles, autograd's device thread -- happens there, not in a
-        capture) and is thrown away: its gradients must not sit beside the graph's."""
-        global _warmed
-        if not _warmed:
+        """Record `fresh` with every .grad None. The first time for a model (`owner`), one micro-step runs for real on
+        a side stream first -- lazy initialisation (library handles, autograd's device thread, the kernels of its
+        dtypes) happens there, not in a capture -- and is thrown away: its gradients must not sit beside the graph's.
+        Once per model, not per process: a bf16 model after an fp32 one meets kernels not yet initialised."""
+        key = self.owner if self.owner is not None else self
+        if key not in _warmed:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -192,7 +195,7 @@ class GraphedMicroStep:
             torch.cuda.current_stream().wait_stream(side)
             for p in self.params:
                 p.grad = None
-            _warmed = True
+            _warmed.add(key)
         self.fresh = self._record()
         self.grads = [p.grad for p in self.params]  # what fresh writes (None where a parameter gets no gradient)
         for p in self.params:
