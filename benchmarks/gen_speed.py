@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import workers  # noqa: E402
 
 
 def build(size: str, device: str, dtype):
@@ -87,11 +88,8 @@ def profile(fn, ids, mask, device, rows: int) -> str:
         sync(device)
     steps = out.shape[1]
     ev = p.key_averages()
-    count = {e.key: e.count for e in ev}
-    syncs = sum(n for k, n in count.items() if k in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
-    dtoh = sum(n for k, n in count.items() if "Memcpy DtoH" in k)
-    launches = sum(n for k, n in count.items() if k in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    graphs = sum(n for k, n in count.items() if k == "cudaGraphLaunch")
+    c = workers.cuda_counts(ev)
+    syncs, dtoh, launches, graphs = c["syncs"], c["dtoh"], c["launches"], c["graphs"]
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     head = (f"    per decode step ({steps} steps): host syncs {syncs / steps:.1f}, DtoH copies {dtoh / steps:.1f}, "
             f"kernel launches {launches / steps:.0f}, graph launches {graphs / steps:.1f}")

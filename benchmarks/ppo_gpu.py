@@ -153,13 +153,11 @@ class UpdateProfiler:
 
     def write(self, updates: int) -> None:
         ev = self.prof.key_averages()
-        count = {e.key: e.count for e in ev}
-        syncs = sum(n for k, n in count.items() if k in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
-        launches = sum(n for k, n in count.items() if k in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+        c = workers.cuda_counts(ev)
         key = "self_cuda_time_total" if self.device == "cuda" else "self_cpu_time_total"
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(f"\n== {self.label}, {updates} PPO updates: host syncs {syncs}, kernel launches {launches}, graph "
-                    f"launches {count.get('cudaGraphLaunch', 0)}\n")
+            f.write(f"\n== {self.label}, {updates} PPO updates: host syncs {c['syncs']}, kernel launches "
+                    f"{c['launches']}, graph launches {c['graphs']}\n")
             f.write(ev.table(sort_by=key, row_limit=22, max_name_column_width=56) + "\n")
 
 

@@ -27,3 +27,12 @@ def run_worker(script: str, args: list[str], env: dict | None = None, label: str
 
 def result(payload: dict) -> None:
     print("RESULT " + json.dumps(payload), flush=True)
+
+
+def cuda_counts(events) -> dict[str, int]:
+    """From a torch.profiler's key_averages(): host syncs, device-to-host copies, kernel launches, CUDA-graph launches."""
+    count = {e.key: e.count for e in events}
+    return {"syncs": sum(n for k, n in count.items() if k in ("cudaStreamSynchronize", "cudaDeviceSynchronize")),
+            "dtoh": sum(n for k, n in count.items() if "Memcpy DtoH" in k),
+            "launches": sum(n for k, n in count.items() if k in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")),
+            "graphs": count.get("cudaGraphLaunch", 0)}
