@@ -147,13 +147,18 @@ def test_recorded_update_matches_op_by_op_on_cuda(tiny_model, tmp_path, lora):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.xfail(reason="fp32 LoRA adapters under bf16 autocast did not record on an H200 (issue 20; warm-up was then "
-                          "once per process, now per model): update_problem keeps such runs op by op; an XPASS here "
-                          "says they may be let through", strict=False)
 def test_fp32_lora_under_bf16_autocast_records(tiny_model, tmp_path, monkeypatch):
+    """fp32 LoRA adapters under bf16 autocast did not record on an H200 (issue 20; the warm-up was then once per
+    process, now per model), so update_problem keeps such runs op by op. Forced through here: a pass says they may be
+    let through; a failure is reported as xfail with the capture's own message (pytest -rx)."""
     from peft import LoraConfig
+
+    from hfalign.errors import UserError
 
     monkeypatch.setattr(graphs, "update_problem", lambda *a, **k: None)
     trainer = tiny_trainer(tiny_model, tmp_path, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
                            task_type="CAUSAL_LM"), value=False, generation="hf", total_episodes=8, bf16=True)
-    trainer.train()
+    try:
+        trainer.train()
+    except UserError as e:
+        pytest.xfail(f"still not recorded: {e}")
