@@ -26,7 +26,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from hfalign.ppo.graphs import as_4d, graphs_allowed, warm_and_capture
+from hfalign.ppo.graphs import as_4d, attention_kind, graphs_allowed, warm_and_capture
 from hfalign.ppo.policy_value import unwrapped
 
 PROMPT_BUCKET = 16  # prompt widths are padded up to a multiple of this: a bounded number of shapes per run
@@ -42,7 +42,7 @@ def unsupported(model) -> str | None:
     config = inner.config.get_text_config(decoder=True)
     if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
         return f"{name} has sliding-window or linear-attention layers"
-    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+    if attention_kind(model) is None:
         return f"{name} uses attention {config._attn_implementation!r} (the static decoder builds sdpa/eager masks)"
     return None
 

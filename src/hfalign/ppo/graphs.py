@@ -92,20 +92,31 @@ _told: set[str] = set()
 _warmed: weakref.WeakSet = weakref.WeakSet()  # models whose micro-step ran for real once before being recorded
 
 
-def warm_and_capture(step, what: str, mode: str = "thread_local"):
-    """(the step's real output, (its CUDA graph, the graph's output)), or (output, (None, None)) when a kernel of the
-    step cannot be captured: said once per `what`, and the caller goes on op by op. Autocast's weight cache is off
-    inside the capture: cached casts made there would be freed while the graph still points at them."""
+def _on_side_stream(step):
+    """Run `step` for real on a side stream (lazy initialisation happens there, not in a capture); its result."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        first = step()
+        out = step()
     torch.cuda.current_stream().wait_stream(side)
-    autocast = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-                if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
+    return out
+
+
+def _recording_autocast():
+    """Autocast as it is now, with its weight cache off: cached casts made in a capture would be freed while the
+    graph still points at them."""
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
+
+def warm_and_capture(step, what: str, mode: str = "thread_local"):
+    """(the step's real output, (its CUDA graph, the graph's output)), or (output, (None, None)) when a kernel of the
+    step cannot be captured: said once per `what`, and the caller goes on op by op."""
+    first = _on_side_stream(step)
     graph = torch.cuda.CUDAGraph()
     try:
-        with autocast, torch.cuda.graph(graph, capture_error_mode=mode):
+        with _recording_autocast(), torch.cuda.graph(graph, capture_error_mode=mode):
             buffer = step()
     except RuntimeError as e:  # the warm step already ran for real: it stands
         _say_once(what, e)
@@ -126,7 +137,7 @@ def micro_steps(step, sources: dict[str, torch.Tensor], model, graphed: bool):
     if graphed:
         sources = {**sources, "attn": causal_mask(sources["attn"], mask_dtype(model))}
         params = [p for p in model.parameters() if p.requires_grad]
-        return GraphedMicroStep(step, sources, params, capture=sources["full"].device.type == "cuda", owner=model)
+        return GraphedMicroStep(step, sources, params, model, capture=sources["full"].device.type == "cuda")
 
     def op_by_op(idx: torch.Tensor) -> dict:
         assert idx.device == sources["full"].device, "a host-side index would sync the device at every micro-step"
@@ -149,11 +160,11 @@ class GraphedMicroStep:
     Made per update: its shapes (prompt width) and the Python numbers baked into it (coefficients, the KL
     coefficient, the temperature) hold for one update; dropping it frees the graphs' memory."""
 
-    def __init__(self, step, sources: dict[str, torch.Tensor], params: list[torch.nn.Parameter], capture: bool,
-                 owner: torch.nn.Module | None = None):
+    def __init__(self, step, sources: dict[str, torch.Tensor], params: list[torch.nn.Parameter],
+                 owner: torch.nn.Module, capture: bool):
         self.step, self.sources, self.params, self.owner = step, sources, params, owner
         self.static: dict[str, torch.Tensor] = {}
-        self.fresh, self.accumulate, self.grads, self.failed = None, None, [], not capture
+        self.fresh, self.accumulate, self.grads, self.op_by_op = None, None, [], not capture
 
     def __call__(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.static:
@@ -161,12 +172,12 @@ class GraphedMicroStep:
         assert len(idx) == len(next(iter(self.static.values()))), "a graphed micro-step needs one micro-batch size"
         for k, src in self.sources.items():
             torch.index_select(src, 0, idx, out=self.static[k])
-        if self.failed:  # op by op: on the CPU (the same buffers and mask)
+        if self.op_by_op:  # on the CPU: the same buffers and mask, nothing recorded
             return self.step(self.static)
         adding = any(p.grad is not None for p in self.params)  # a later micro-step of gradient accumulation
         if self.fresh is None:
             if adding:  # gradients from elsewhere at an update's start: op by op
-                self.failed = True
+                self.op_by_op = True
                 return self.step(self.static)
             self._record_fresh()
         if not adding:
@@ -186,16 +197,11 @@ class GraphedMicroStep:
         a side stream first -- lazy initialisation (library handles, autograd's device thread, the kernels of its
         dtypes) happens there, not in a capture -- and is thrown away: its gradients must not sit beside the graph's.
         Once per model, not per process: a bf16 model after an fp32 one meets kernels not yet initialised."""
-        key = self.owner if self.owner is not None else self
-        if key not in _warmed:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.step(self.static)
-            torch.cuda.current_stream().wait_stream(side)
+        if self.owner not in _warmed:
+            _on_side_stream(lambda: self.step(self.static))
             for p in self.params:
                 p.grad = None
-            _warmed.add(key)
+            _warmed.add(self.owner)
         self.fresh = self._record()
         self.grads = [p.grad for p in self.params]  # what fresh writes (None where a parameter gets no gradient)
         for p in self.params:
@@ -208,10 +214,8 @@ class GraphedMicroStep:
         from hfalign.errors import UserError
 
         graph = torch.cuda.CUDAGraph()
-        autocast = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-                    if torch.is_autocast_enabled("cuda") else contextlib.nullcontext())
         try:
-            with autocast, torch.cuda.graph(graph, pool=pool):
+            with _recording_autocast(), torch.cuda.graph(graph, pool=pool):
                 stats = self.step(self.static)
         except RuntimeError as e:
             raise UserError(f"the PPO update's micro-step could not be recorded as a CUDA graph: "
